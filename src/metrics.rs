@@ -1,0 +1,167 @@
+//! Prometheus metrics, served as text at `GET /metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Label set with one `kind` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// What is counted.
+    pub kind: String,
+}
+
+/// Label set with one `type` label (a Matrix event type).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// The event type.
+    pub r#type: String,
+}
+
+/// Label set with one `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok`, `replayed` or `rejected`.
+    pub result: &'static str,
+}
+
+/// All metrics of the bridge.
+pub struct Metrics {
+    registry: Registry,
+    /// Transactions received, by result.
+    pub transactions: Family<ResultLabel, Counter>,
+    /// Events received, by event type.
+    pub events: Family<TypeLabel, Counter>,
+    /// Errors, by kind.
+    pub errors: Family<KindLabel, Counter>,
+    /// Time spent answering a transaction.
+    pub transaction_seconds: Histogram,
+    /// Commands handled, by command.
+    pub commands: Family<KindLabel, Counter>,
+    /// Time from a transaction's arrival to the scale request.
+    pub transaction_to_patch_seconds: Histogram,
+    /// Time from a transaction's arrival to the reply being sent.
+    pub transaction_to_reply_seconds: Histogram,
+    /// Crypto events (decryption failures, retries, recoveries, OTK uploads, key shares), by kind.
+    pub crypto: Family<KindLabel, Counter>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+    .into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("matrix_k8s_toggle");
+        let transactions = Family::<ResultLabel, Counter>::default();
+        let events = Family::<TypeLabel, Counter>::default();
+        let errors = Family::<KindLabel, Counter>::default();
+        let commands = Family::<KindLabel, Counter>::default();
+        let crypto = Family::<KindLabel, Counter>::default();
+        let transaction_seconds = Histogram::new(latency_buckets());
+        let transaction_to_patch_seconds = Histogram::new(latency_buckets());
+        let transaction_to_reply_seconds = Histogram::new(latency_buckets());
+        registry.register(
+            "transactions",
+            "Transactions pushed by the homeserver",
+            transactions.clone(),
+        );
+        registry.register("events", "Events received, by type", events.clone());
+        registry.register("errors", "Errors, by kind", errors.clone());
+        registry.register("commands", "Commands handled, by command", commands.clone());
+        registry.register(
+            "crypto",
+            "End-to-end encryption events, by kind",
+            crypto.clone(),
+        );
+        registry.register(
+            "transaction_handling_seconds",
+            "Time to answer a transaction",
+            transaction_seconds.clone(),
+        );
+        registry.register(
+            "transaction_to_patch_seconds",
+            "Time from a command's transaction arriving to its scale request",
+            transaction_to_patch_seconds.clone(),
+        );
+        registry.register(
+            "transaction_to_reply_seconds",
+            "Time from a command's transaction arriving to its reply being sent",
+            transaction_to_reply_seconds.clone(),
+        );
+        Self {
+            registry,
+            transactions,
+            events,
+            errors,
+            transaction_seconds,
+            commands,
+            transaction_to_patch_seconds,
+            transaction_to_reply_seconds,
+            crypto,
+        }
+    }
+
+    /// Counts an error of `kind`.
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a crypto event of `kind`.
+    pub fn crypto(&self, kind: &str) {
+        self.crypto
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counted_events_appear_in_the_text_output() {
+        let m = Metrics::new();
+        m.events
+            .get_or_create(&TypeLabel {
+                r#type: "m.room.message".into(),
+            })
+            .inc();
+        m.error("homeserver");
+        let text = m.render();
+        assert!(
+            text.contains("matrix_k8s_toggle_events_total{type=\"m.room.message\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("matrix_k8s_toggle_errors_total{kind=\"homeserver\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# EOF"));
+    }
+}

@@ -1,0 +1,185 @@
+//! Runs the bridge: opens the state, binds the listener, starts the worker and the start-up
+//! calls, serves until a shutdown signal, then drains in-flight work.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{Notify, watch};
+
+use crate::{
+    appservice::{self, AppState, NoSink},
+    bridge::Bridge,
+    config::Config,
+    matrix::MatrixClient,
+    metrics::Metrics,
+    startup,
+    store::{Store, StoreError},
+    worker,
+};
+
+/// Errors that stop the service.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The state directory or database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("LISTEN_ADDRESS {address}: cannot listen: {source}")]
+    Bind {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("server: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// How long shutdown waits for the job in hand.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let started = std::time::Instant::now();
+    let config = Arc::new(config);
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let metrics = Arc::new(Metrics::new());
+    let matrix = Arc::new(MatrixClient::new(
+        &config.homeserver,
+        config.registration.as_token.clone(),
+        config.bot_user_id.clone(),
+    ));
+    let work = Arc::new(Notify::new());
+    let reachable = Arc::new(AtomicBool::new(false));
+    let state = AppState::new(
+        config.registration.hs_token.clone(),
+        store.clone(),
+        metrics.clone(),
+        Arc::new(NoSink),
+        work.clone(),
+        reachable.clone(),
+    );
+
+    let listener = tokio::net::TcpListener::bind(config.listen_address)
+        .await
+        .map_err(|source| ServiceError::Bind {
+            address: config.listen_address,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(ServiceError::Serve)?;
+    tracing::info!(
+        address = %local,
+        bot = %config.bot_user_id,
+        homeserver = %config.homeserver,
+        targets = config.targets.len(),
+        ready_ms = started.elapsed().as_millis() as u64,
+        "listening"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let bridge = Arc::new(Bridge::new(
+        config.clone(),
+        matrix.clone(),
+        store.clone(),
+        metrics.clone(),
+    ));
+    let worker = tokio::spawn(worker::run(store.clone(), bridge, work, stop_rx.clone()));
+    let startup = {
+        let (matrix, config) = (matrix.clone(), config.clone());
+        tokio::spawn(async move {
+            startup::run(
+                &matrix,
+                &config.registration.id,
+                &config.registration.url,
+                &config.display_name,
+            )
+            .await;
+        })
+    };
+    let probe = tokio::spawn(probe_homeserver(
+        matrix.base_url().to_owned(),
+        reachable,
+        stop_rx.clone(),
+    ));
+
+    let server = axum::serve(listener, appservice::app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new requests, finishing work in hand");
+    });
+    let served = server.await.map_err(ServiceError::Serve);
+    let _ = stop_tx.send(true);
+    startup.abort();
+    probe.abort();
+    if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
+        tracing::warn!(
+            "the worker did not finish within {DRAIN_TIMEOUT:?}; its job resumes at the next start"
+        );
+    }
+    tracing::info!("stopped");
+    served
+}
+
+/// Keeps `reachable` up to date by asking the homeserver for its versions.
+async fn probe_homeserver(
+    base: String,
+    reachable: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("static client settings");
+    let url = format!("{base}/_matrix/client/versions");
+    loop {
+        let ok = matches!(http.get(&url).send().await, Ok(r) if r.status().is_success());
+        if reachable.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("homeserver reachable");
+            } else {
+                tracing::warn!(url = %url, "homeserver unreachable");
+            }
+        }
+        let wait = if ok {
+            Duration::from_secs(15)
+        } else {
+            Duration::from_secs(2)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

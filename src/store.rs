@@ -1,0 +1,325 @@
+//! Durable state in `STATE_DIR/state.sqlite3`: processed transaction ids, the event work queue,
+//! progress of each command, and small key-value facts (our device id).
+
+use std::{
+    path::Path,
+    sync::{Mutex, MutexGuard},
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Errors of the state database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The state directory could not be created.
+    #[error("STATE_DIR {path}: {source}; make it writable by the bridge's user")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One room event waiting to be handled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// Position in the queue; jobs are handled in this order.
+    pub seq: i64,
+    /// The event id (dedupe key).
+    pub event_id: String,
+    /// The event as JSON, as the homeserver sent it.
+    pub event: String,
+    /// How often handling was attempted and postponed.
+    pub attempts: i64,
+}
+
+/// How far a command has come; persisted so a crash neither repeats nor loses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// The action ran; this reply is still to be sent.
+    Acted {
+        /// The reply to send.
+        reply: String,
+    },
+    /// The reply was sent.
+    Replied,
+}
+
+/// The state database.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS transactions (
+    txn_id TEXT PRIMARY KEY,
+    received_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    event TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(done, seq);
+CREATE TABLE IF NOT EXISTS progress (
+    event_id TEXT PRIMARY KEY,
+    stage TEXT NOT NULL,
+    reply TEXT
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) the state database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let conn = Connection::open(dir.join("state.sqlite3"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the transaction `txn_id` was already processed.
+    pub fn transaction_seen(&self, txn_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM transactions WHERE txn_id = ?1",
+                [txn_id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Records a transaction and queues its events (event id, JSON) in one atomic step.
+    /// Events already queued are skipped. Returns how many were new.
+    pub fn record_transaction(
+        &self,
+        txn_id: &str,
+        events: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut added = 0;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT OR IGNORE INTO jobs (event_id, event) VALUES (?1, ?2)")?;
+            for (event_id, event) in events {
+                added += insert.execute(params![event_id, event])?;
+            }
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO transactions (txn_id, received_at) VALUES (?1, ?2)",
+            params![txn_id, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// The oldest unhandled jobs, in order.
+    pub fn pending_jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, event_id, event, attempts FROM jobs WHERE done = 0 ORDER BY seq LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(Job {
+                seq: r.get(0)?,
+                event_id: r.get(1)?,
+                event: r.get(2)?,
+                attempts: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Marks a job handled.
+    pub fn complete_job(&self, seq: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE jobs SET done = 1, event = '' WHERE seq = ?1", [seq])?;
+        Ok(())
+    }
+
+    /// Counts a postponed attempt of a job.
+    pub fn postpone_job(&self, seq: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE jobs SET attempts = attempts + 1 WHERE seq = ?1",
+            [seq],
+        )?;
+        Ok(())
+    }
+
+    /// How far the command in `event_id` has come.
+    pub fn progress(&self, event_id: &str) -> Result<Option<Progress>, StoreError> {
+        let row: Option<(String, Option<String>)> = self
+            .conn()
+            .query_row(
+                "SELECT stage, reply FROM progress WHERE event_id = ?1",
+                [event_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(stage, reply)| match stage.as_str() {
+            "acted" => Progress::Acted {
+                reply: reply.unwrap_or_default(),
+            },
+            _ => Progress::Replied,
+        }))
+    }
+
+    /// Records how far the command in `event_id` has come.
+    pub fn set_progress(&self, event_id: &str, progress: &Progress) -> Result<(), StoreError> {
+        let (stage, reply) = match progress {
+            Progress::Acted { reply } => ("acted", Some(reply.as_str())),
+            Progress::Replied => ("replied", None),
+        };
+        self.conn().execute(
+            "INSERT INTO progress (event_id, stage, reply) VALUES (?1, ?2, ?3)
+             ON CONFLICT(event_id) DO UPDATE SET stage = excluded.stage, reply = excluded.reply",
+            params![event_id, stage, reply],
+        )?;
+        Ok(())
+    }
+
+    /// A stored value.
+    pub fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Stores a value.
+    pub fn set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Whether the database answers.
+    pub fn is_healthy(&self) -> bool {
+        self.conn()
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str) -> (String, String) {
+        (id.to_owned(), format!("{{\"event_id\":\"{id}\"}}"))
+    }
+
+    #[test]
+    fn a_recorded_transaction_is_remembered_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert!(!s.transaction_seen("t1").unwrap());
+            s.record_transaction("t1", &[ev("$a")], 0).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.transaction_seen("t1").unwrap());
+        assert_eq!(s.pending_jobs(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_event_in_two_transactions_is_queued_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.record_transaction("t1", &[ev("$a"), ev("$b")], 0)
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            s.record_transaction("t2", &[ev("$b"), ev("$c")], 0)
+                .unwrap(),
+            1
+        );
+        let ids: Vec<_> = s
+            .pending_jobs(10)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.event_id)
+            .collect();
+        assert_eq!(ids, ["$a", "$b", "$c"]);
+    }
+
+    #[test]
+    fn completed_jobs_leave_the_queue_and_are_not_queued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.record_transaction("t1", &[ev("$a")], 0).unwrap();
+        let job = s.pending_jobs(10).unwrap().remove(0);
+        s.complete_job(job.seq).unwrap();
+        assert!(s.pending_jobs(10).unwrap().is_empty());
+        assert_eq!(s.record_transaction("t2", &[ev("$a")], 0).unwrap(), 0);
+        assert!(s.pending_jobs(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn progress_moves_from_acted_to_replied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.progress("$a").unwrap(), None);
+        s.set_progress(
+            "$a",
+            &Progress::Acted {
+                reply: "done".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.progress("$a").unwrap(),
+            Some(Progress::Acted {
+                reply: "done".into()
+            })
+        );
+        s.set_progress("$a", &Progress::Replied).unwrap();
+        assert_eq!(s.progress("$a").unwrap(), Some(Progress::Replied));
+    }
+
+    #[test]
+    fn key_values_are_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.set("device_id", "A").unwrap();
+        s.set("device_id", "B").unwrap();
+        assert_eq!(s.get("device_id").unwrap().as_deref(), Some("B"));
+        assert_eq!(s.get("nope").unwrap(), None);
+    }
+}
