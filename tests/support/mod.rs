@@ -1,0 +1,60 @@
+//! Test support: a real Synapse from the test bed, our server as a real process, and a small
+//! client-server API client for the people in the tests.
+#![allow(dead_code)]
+
+pub mod bridge;
+pub mod client;
+pub mod synapse;
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// The repository root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A scratch directory under `target/test-scratch`, removed when dropped.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let base = repo_root().join("target").join("test-scratch");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix("t")
+        .tempdir_in(&base)
+        .unwrap()
+}
+
+/// Path of our binary under test.
+pub fn bridge_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_matrix-k8s-toggle"))
+}

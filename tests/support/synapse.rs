@@ -1,0 +1,138 @@
+//! A real Synapse (pinned, from PyPI) on 127.0.0.1, started and stopped by the test bed scripts.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha1::Sha1;
+
+use super::{free_port, repo_root};
+
+/// The server name every test homeserver uses.
+pub const SERVER_NAME: &str = "localhost";
+
+fn script(name: &str) -> PathBuf {
+    repo_root().join("scripts").join("testbed").join(name)
+}
+
+/// Makes sure the Synapse venv exists (once per test process); returns its path.
+pub fn ensure_venv() -> &'static Path {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let out = Command::new(script("synapse-venv.sh"))
+            .output()
+            .expect("running synapse-venv.sh");
+        assert!(
+            out.status.success(),
+            "synapse-venv.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// A running Synapse; stopped when dropped.
+pub struct Synapse {
+    dir: PathBuf,
+    /// Client-server API base URL.
+    pub url: String,
+    shared_secret: String,
+}
+
+impl Synapse {
+    /// Configures and starts a Synapse in `dir` with one appservice registration.
+    pub fn start(dir: &Path, registration: &Path) -> Synapse {
+        ensure_venv();
+        let dir = dir.join("synapse");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        run(Command::new(script("synapse.sh")).args([
+            "config",
+            dir.to_str().unwrap(),
+            &port.to_string(),
+            registration.to_str().unwrap(),
+            SERVER_NAME,
+        ]));
+        let synapse = Synapse {
+            url: format!("http://127.0.0.1:{port}"),
+            shared_secret: std::fs::read_to_string(dir.join("shared_secret"))
+                .unwrap()
+                .trim()
+                .to_owned(),
+            dir,
+        };
+        run(Command::new(script("synapse.sh")).args(["start", synapse.dir.to_str().unwrap()]));
+        synapse
+    }
+
+    /// Stops Synapse (tests of an unreachable homeserver); `start_again` brings it back.
+    pub fn stop(&self) {
+        run(Command::new(script("synapse.sh")).args(["stop", self.dir.to_str().unwrap()]));
+    }
+
+    /// Starts a stopped Synapse again on the same port and database.
+    pub fn start_again(&self) {
+        run(Command::new(script("synapse.sh")).args(["start", self.dir.to_str().unwrap()]));
+    }
+
+    /// Registers a user through the admin API (shared secret); returns (user id, access token).
+    pub async fn register(&self, localpart: &str) -> (String, String) {
+        let http = reqwest::Client::new();
+        let url = format!("{}/_synapse/admin/v1/register", self.url);
+        let nonce: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+        let nonce = nonce["nonce"].as_str().unwrap().to_owned();
+        let password = format!("pw-{localpart}-secret");
+        let mut mac = Hmac::<Sha1>::new_from_slice(self.shared_secret.as_bytes()).unwrap();
+        for (i, part) in [nonce.as_str(), localpart, password.as_str(), "notadmin"]
+            .iter()
+            .enumerate()
+        {
+            if i > 0 {
+                mac.update(b"\x00");
+            }
+            mac.update(part.as_bytes());
+        }
+        let body = json!({
+            "nonce": nonce,
+            "username": localpart,
+            "password": password,
+            "admin": false,
+            "mac": hex::encode(mac.finalize().into_bytes()),
+        });
+        let resp = http.post(&url).json(&body).send().await.unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "registering {localpart}: {v}");
+        (
+            v["user_id"].as_str().unwrap().to_owned(),
+            v["access_token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// The homeserver log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("homeserver.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        let _ = Command::new(script("synapse.sh"))
+            .args(["stop", self.dir.to_str().unwrap()])
+            .output();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("running a test bed script");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
