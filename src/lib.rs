@@ -6,11 +6,13 @@
 pub mod appservice;
 pub mod bridge;
 pub mod check;
+pub mod commands;
 pub mod config;
 pub mod matrix;
 pub mod metrics;
 pub mod policy;
 pub mod registration;
+pub mod scaler;
 pub mod secret;
 pub mod service;
 pub mod startup;

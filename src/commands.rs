@@ -1,0 +1,543 @@
+//! Chat commands, pure: parse a message into a [`Command`], the help text, and the permission
+//! each command needs. Nothing here knows Matrix or Kubernetes.
+
+use std::fmt;
+
+/// What a command needs the sender to be allowed to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Read state: `status`, `list`, `help`.
+    Query,
+    /// Change state: `start`, `stop`.
+    Operate,
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Scale a target up: to `replicas`, else to what it had before it was stopped.
+    Start {
+        /// The target (the only one when absent).
+        target: Option<String>,
+        /// Explicit replica count.
+        replicas: Option<i32>,
+    },
+    /// Scale a target to zero, remembering its replica count.
+    Stop {
+        /// The target (the only one when absent).
+        target: Option<String>,
+    },
+    /// Show the state of one target, or of all.
+    Status {
+        /// The target (all when absent).
+        target: Option<String>,
+    },
+    /// List the targets.
+    List,
+    /// Show the commands.
+    Help,
+}
+
+impl Command {
+    /// The permission this command needs.
+    pub fn permission(&self) -> Permission {
+        self.spec().permission
+    }
+
+    /// The target the command names, if any.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            Command::Start { target, .. }
+            | Command::Stop { target }
+            | Command::Status { target } => target.as_deref(),
+            Command::List | Command::Help => None,
+        }
+    }
+
+    /// The command's name, as metrics and logs show it.
+    pub fn name(&self) -> &'static str {
+        self.spec().name
+    }
+
+    fn spec(&self) -> &'static CommandSpec {
+        let name = match self {
+            Command::Start { .. } => "start",
+            Command::Stop { .. } => "stop",
+            Command::Status { .. } => "status",
+            Command::List => "list",
+            Command::Help => "help",
+        };
+        COMMANDS
+            .iter()
+            .find(|c| c.name == name)
+            .expect("every command has a spec")
+    }
+}
+
+/// One command's name, aliases, arguments, help and permission, in one place.
+#[derive(Debug)]
+pub struct CommandSpec {
+    /// The name.
+    pub name: &'static str,
+    /// Other words for it.
+    pub aliases: &'static [&'static str],
+    /// Argument synopsis.
+    pub args: &'static str,
+    /// One line of help.
+    pub help: &'static str,
+    /// What the sender must be allowed to do.
+    pub permission: Permission,
+}
+
+/// Every command.
+pub const COMMANDS: &[CommandSpec] = &[
+    CommandSpec {
+        name: "start",
+        aliases: &["on"],
+        args: "[target] [replicas]",
+        help: "scale up, to the replica count it had before it was stopped (1 if unknown)",
+        permission: Permission::Operate,
+    },
+    CommandSpec {
+        name: "stop",
+        aliases: &["off"],
+        args: "[target]",
+        help: "scale to 0, remembering the replica count",
+        permission: Permission::Operate,
+    },
+    CommandSpec {
+        name: "status",
+        aliases: &[],
+        args: "[target]",
+        help: "show state and replica counts (all targets when none is named)",
+        permission: Permission::Query,
+    },
+    CommandSpec {
+        name: "list",
+        aliases: &[],
+        args: "",
+        help: "list the targets",
+        permission: Permission::Query,
+    },
+    CommandSpec {
+        name: "help",
+        aliases: &[],
+        args: "",
+        help: "show this help",
+        permission: Permission::Query,
+    },
+];
+
+/// The result of reading a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// A command.
+    Command(Command),
+    /// A known command with wrong arguments; the message says what is wrong.
+    Invalid(String),
+    /// Not a command (chatter, or an unknown word).
+    NotACommand,
+}
+
+/// How the message was addressed: in a DM every message is for the bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressed {
+    /// Explicitly to the bot (mention, name prefix, `!toggle`), or a DM.
+    ToBot,
+    /// Said in a group room without addressing the bot.
+    ToRoom,
+}
+
+/// Names the bot answers to when a message starts with them.
+#[derive(Debug, Clone)]
+pub struct BotNames {
+    names: Vec<String>,
+}
+
+/// The command prefix that addresses the bot in any room.
+pub const PREFIX: &str = "!toggle";
+
+impl BotNames {
+    /// The bot's user id, its localpart and its display name.
+    pub fn new(user_id: &str, display_name: &str) -> Self {
+        let localpart = user_id
+            .trim_start_matches('@')
+            .split(':')
+            .next()
+            .unwrap_or_default();
+        let mut names: Vec<String> = [PREFIX, user_id, localpart, display_name]
+            .iter()
+            .map(|n| normalize(n))
+            .filter(|n| !n.is_empty())
+            .collect();
+        // Longest first, so "@toggle:x" is stripped before "toggle".
+        names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        names.dedup();
+        BotNames { names }
+    }
+
+    /// Strips a leading address (`!toggle`, `@toggle:hs:`, `Toggle,` …); returns the rest and
+    /// whether an address was found.
+    fn strip<'a>(&self, text: &'a str) -> (&'a str, bool) {
+        for name in &self.names {
+            if let Some(rest) = text.strip_prefix(name.as_str()) {
+                let rest_trimmed = rest.trim_start_matches([':', ',']).trim_start();
+                if rest.is_empty() || rest.starts_with([':', ',', ' ']) {
+                    return (rest_trimmed, true);
+                }
+            }
+        }
+        (text, false)
+    }
+}
+
+/// Lower-cases, drops invisible and bidi control characters, and collapses whitespace.
+pub fn normalize(text: &str) -> String {
+    let cleaned: String = text
+        .chars()
+        .filter(|c| !is_invisible(*c))
+        .map(|c| if c.is_whitespace() { ' ' } else { c })
+        .collect();
+    cleaned
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}' | '\u{FEFF}' | '\u{00AD}' | '\u{061C}')
+        || (c.is_control() && !c.is_whitespace())
+}
+
+/// Reads a message. `mentioned` is true when the event's `m.mentions` names the bot.
+pub fn parse(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool) -> Parsed {
+    read(text, names, addressed, mentioned).0
+}
+
+/// Reads a message; also says whether it was meant for the bot (a DM, a mention or an
+/// address), so callers stay silent about doubtful commands that were not.
+pub fn read(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool) -> (Parsed, bool) {
+    let text = normalize(text);
+    let (rest, prefixed) = names.strip(&text);
+    let to_bot = prefixed || mentioned || addressed == Addressed::ToBot;
+    (parse_words(rest, to_bot), to_bot)
+}
+
+fn parse_words(rest: &str, to_bot: bool) -> Parsed {
+    let mut words = rest.split(' ').filter(|w| !w.is_empty());
+    let Some(verb) = words.next() else {
+        return if to_bot {
+            Parsed::Command(Command::Help)
+        } else {
+            Parsed::NotACommand
+        };
+    };
+    let args: Vec<&str> = words.collect();
+    let Some(spec) = COMMANDS
+        .iter()
+        .find(|c| c.name == verb || c.aliases.contains(&verb))
+    else {
+        return Parsed::NotACommand;
+    };
+    // NB: in a group room, a known verb followed by a sentence is chatter ("stop the music"),
+    // unless the bot was addressed.
+    let result = build(spec.name, &args);
+    match result {
+        Parsed::Invalid(_) if !to_bot => Parsed::NotACommand,
+        other => other,
+    }
+}
+
+fn build(name: &str, args: &[&str]) -> Parsed {
+    let too_many = |max: usize| args.len() > max;
+    match name {
+        "start" => {
+            if too_many(2) {
+                return Parsed::Invalid("usage: start [target] [replicas]".into());
+            }
+            let (target, replicas) = match args {
+                [] => (None, None),
+                [one] if one.chars().all(|c| c.is_ascii_digit() || c == '-') => (None, Some(*one)),
+                [one] => (Some(*one), None),
+                [t, r] => (Some(*t), Some(*r)),
+                _ => unreachable!("checked above"),
+            };
+            let replicas = match replicas.map(str::parse::<i32>) {
+                None => None,
+                Some(Ok(n)) if n >= 1 => Some(n),
+                Some(Ok(_)) => {
+                    return Parsed::Invalid(
+                        "replicas must be at least 1; use `stop` to scale to 0".into(),
+                    );
+                }
+                Some(Err(_)) => {
+                    return Parsed::Invalid(
+                        "replicas must be a whole number, e.g. `start web 2`".into(),
+                    );
+                }
+            };
+            Parsed::Command(Command::Start {
+                target: target.map(str::to_owned),
+                replicas,
+            })
+        }
+        "stop" | "status" => {
+            if too_many(1) {
+                return Parsed::Invalid(format!("usage: {name} [target]"));
+            }
+            let target = args.first().map(|s| (*s).to_owned());
+            Parsed::Command(if name == "stop" {
+                Command::Stop { target }
+            } else {
+                Command::Status { target }
+            })
+        }
+        "list" if args.is_empty() => Parsed::Command(Command::List),
+        "help" if args.is_empty() => Parsed::Command(Command::Help),
+        _ => Parsed::Invalid(format!("`{name}` takes no arguments")),
+    }
+}
+
+/// The help text, listing commands (and targets when there are several).
+pub fn help_text(targets: &[String]) -> String {
+    let mut out = String::from("Commands:\n");
+    for c in COMMANDS {
+        let names = std::iter::once(c.name)
+            .chain(c.aliases.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let synopsis = if c.args.is_empty() {
+            names
+        } else {
+            format!("{names} {}", c.args)
+        };
+        out.push_str(&format!("• {synopsis}: {}\n", c.help));
+    }
+    if targets.len() > 1 {
+        out.push_str(&format!("Targets: {}\n", targets.join(", ")));
+    }
+    out.push_str(&format!(
+        "In a group room, address me: `{PREFIX} status` or mention me."
+    ));
+    out
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())?;
+        if let Some(t) = self.target() {
+            write!(f, " {t}")?;
+        }
+        if let Command::Start {
+            replicas: Some(n), ..
+        } = self
+        {
+            write!(f, " {n}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> BotNames {
+        BotNames::new("@toggle:example.org", "Kubernetes toggle")
+    }
+
+    fn dm(text: &str) -> Parsed {
+        parse(text, &names(), Addressed::ToBot, false)
+    }
+
+    fn group(text: &str) -> Parsed {
+        parse(text, &names(), Addressed::ToRoom, false)
+    }
+
+    fn cmd(c: Command) -> Parsed {
+        Parsed::Command(c)
+    }
+
+    #[test]
+    fn commands_parse_as_the_table_says() {
+        let table: &[(&str, Parsed)] = &[
+            (
+                "start",
+                cmd(Command::Start {
+                    target: None,
+                    replicas: None,
+                }),
+            ),
+            (
+                "on",
+                cmd(Command::Start {
+                    target: None,
+                    replicas: None,
+                }),
+            ),
+            (
+                "  START  ",
+                cmd(Command::Start {
+                    target: None,
+                    replicas: None,
+                }),
+            ),
+            (
+                "Start 3",
+                cmd(Command::Start {
+                    target: None,
+                    replicas: Some(3),
+                }),
+            ),
+            (
+                "start web",
+                cmd(Command::Start {
+                    target: Some("web".into()),
+                    replicas: None,
+                }),
+            ),
+            (
+                "start web 2",
+                cmd(Command::Start {
+                    target: Some("web".into()),
+                    replicas: Some(2),
+                }),
+            ),
+            ("stop", cmd(Command::Stop { target: None })),
+            ("OFF", cmd(Command::Stop { target: None })),
+            (
+                "off\tdb",
+                cmd(Command::Stop {
+                    target: Some("db".into()),
+                }),
+            ),
+            ("status", cmd(Command::Status { target: None })),
+            (
+                "status web",
+                cmd(Command::Status {
+                    target: Some("web".into()),
+                }),
+            ),
+            ("list", cmd(Command::List)),
+            ("help", cmd(Command::Help)),
+            ("", cmd(Command::Help)),
+            ("hello there", Parsed::NotACommand),
+            (
+                "start 0",
+                Parsed::Invalid("replicas must be at least 1; use `stop` to scale to 0".into()),
+            ),
+            (
+                "start web lots",
+                Parsed::Invalid("replicas must be a whole number, e.g. `start web 2`".into()),
+            ),
+            (
+                "start a b c",
+                Parsed::Invalid("usage: start [target] [replicas]".into()),
+            ),
+            (
+                "list all",
+                Parsed::Invalid("`list` takes no arguments".into()),
+            ),
+        ];
+        for (text, expected) in table {
+            assert_eq!(&dm(text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn addressed_forms_are_accepted_in_a_group_room() {
+        let expected = cmd(Command::Status { target: None });
+        for text in [
+            "!toggle status",
+            "!TOGGLE status",
+            "@toggle:example.org: status",
+            "toggle, status",
+            "Kubernetes toggle: status",
+            "status",
+        ] {
+            assert_eq!(group(text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn chatter_in_a_group_room_is_not_a_command() {
+        for text in [
+            "stop the music please",
+            "let's start",
+            "good morning",
+            "start a b c",
+        ] {
+            assert_eq!(group(text), Parsed::NotACommand, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_mention_makes_bad_arguments_an_answerable_error() {
+        let parsed = parse("start a b c", &names(), Addressed::ToRoom, true);
+        assert!(matches!(parsed, Parsed::Invalid(_)));
+        let parsed = parse("!toggle start a b c", &names(), Addressed::ToRoom, false);
+        assert!(matches!(parsed, Parsed::Invalid(_)));
+    }
+
+    #[test]
+    fn zero_width_and_bidi_characters_are_ignored() {
+        assert_eq!(dm("st\u{200B}op"), cmd(Command::Stop { target: None }));
+        assert_eq!(
+            dm("\u{202E}status\u{202C}"),
+            cmd(Command::Status { target: None })
+        );
+        assert_eq!(
+            dm("\u{FEFF}on"),
+            cmd(Command::Start {
+                target: None,
+                replicas: None
+            })
+        );
+    }
+
+    #[test]
+    fn a_name_prefix_must_end_at_a_word_boundary() {
+        assert_eq!(group("toggleswitch status"), Parsed::NotACommand);
+    }
+
+    #[test]
+    fn each_command_declares_its_permission() {
+        assert_eq!(
+            Command::Start {
+                target: None,
+                replicas: None
+            }
+            .permission(),
+            Permission::Operate
+        );
+        assert_eq!(
+            Command::Stop { target: None }.permission(),
+            Permission::Operate
+        );
+        assert_eq!(
+            Command::Status { target: None }.permission(),
+            Permission::Query
+        );
+        assert_eq!(Command::List.permission(), Permission::Query);
+        assert_eq!(Command::Help.permission(), Permission::Query);
+    }
+
+    #[test]
+    fn help_lists_every_command_and_alias() {
+        let text = help_text(&["web".into(), "db".into()]);
+        for word in [
+            "start | on",
+            "stop | off",
+            "status",
+            "list",
+            "help",
+            "Targets: web, db",
+            "!toggle",
+        ] {
+            assert!(text.contains(word), "{word} missing from {text}");
+        }
+    }
+}

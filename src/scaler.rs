@@ -1,0 +1,660 @@
+//! Kubernetes, through kube-rs: scale a workload through its `/scale` subresource (JSON merge
+//! patch), remember its replica count across a stop, read its state, watch a rollout, and turn
+//! API errors into messages a person can act on.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
+    authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+    runtime::watcher,
+};
+use serde_json::json;
+
+use crate::config::{Target, WorkloadKind};
+
+/// The field manager our patches are recorded under.
+pub const FIELD_MANAGER: &str = "matrix-k8s-toggle";
+
+/// Annotation holding the replica count a workload had before it was stopped.
+pub const REMEMBERED_REPLICAS: &str = "matrix-k8s-toggle/replicas-before-stop";
+
+/// What went wrong talking to Kubernetes, phrased for the person who must act.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScaleError {
+    /// The ServiceAccount lacks a permission.
+    #[error(
+        "the bridge's ServiceAccount may not {verb} {resource} in namespace {namespace}: grant `{verb}` on `{resource}` (resourceNames: [{name}]) in its Role"
+    )]
+    Forbidden {
+        /// The verb.
+        verb: &'static str,
+        /// The resource (with subresource).
+        resource: String,
+        /// The namespace.
+        namespace: String,
+        /// The object's name.
+        name: String,
+    },
+    /// The workload does not exist.
+    #[error(
+        "{kind} {namespace}/{name} does not exist: check the target's namespace and workload name"
+    )]
+    NotFound {
+        /// The workload kind.
+        kind: WorkloadKind,
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+    },
+    /// The API server refused our credentials.
+    #[error(
+        "the Kubernetes API refused the bridge's credentials (401): check its ServiceAccount token or kubeconfig"
+    )]
+    Unauthorized,
+    /// The request was invalid.
+    #[error("Kubernetes refused the change: {0}")]
+    Invalid(String),
+    /// Still failing after retries (429, 5xx, timeouts, unreachable).
+    #[error("the Kubernetes API is unavailable ({0}); tried {1} times, try again later")]
+    Unavailable(String, u32),
+    /// Anything else.
+    #[error("Kubernetes error: {0}")]
+    Other(String),
+    /// No client could be configured.
+    #[error(
+        "no Kubernetes configuration: {0}; run in a pod with a ServiceAccount or set KUBECONFIG"
+    )]
+    Config(String),
+}
+
+/// The state of a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Scaled to zero, nothing running.
+    Off,
+    /// Scaled up, not all replicas ready yet.
+    Starting,
+    /// All replicas up.
+    Running,
+    /// Scaled to zero, pods still terminating.
+    Stopping,
+    /// The rollout missed its progress deadline.
+    Degraded,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Off => "off",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Degraded => "degraded",
+        })
+    }
+}
+
+/// A workload's state and replica counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadStatus {
+    /// The state.
+    pub state: State,
+    /// `spec.replicas`.
+    pub desired: i32,
+    /// `status.replicas` (pods that exist).
+    pub current: i32,
+    /// Ready replicas.
+    pub ready: i32,
+    /// Available replicas.
+    pub available: i32,
+    /// Replicas of the current revision.
+    pub updated: i32,
+    /// Why it is not up, from the workload's conditions.
+    pub message: Option<String>,
+}
+
+/// What a start or stop changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Scaled from one count to another.
+    Scaled {
+        /// Replicas before.
+        from: i32,
+        /// Replicas now.
+        to: i32,
+    },
+    /// Already at the wanted count; nothing was sent.
+    Unchanged {
+        /// The count.
+        replicas: i32,
+    },
+}
+
+/// How often and how patiently to retry transient failures.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts in all.
+    pub attempts: u32,
+    /// First delay; doubled each time, capped at 5 s.
+    pub first_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            first_delay: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Scales targets.
+#[derive(Clone)]
+pub struct Scaler {
+    client: Client,
+    retry: RetryPolicy,
+}
+
+/// One permission the scaler uses: (verb, resource with subresource).
+pub fn permissions_needed(kind: WorkloadKind) -> [(&'static str, &'static str); 6] {
+    match kind {
+        WorkloadKind::Deployment => [
+            ("get", "deployments/scale"),
+            ("patch", "deployments/scale"),
+            ("get", "deployments"),
+            ("patch", "deployments"),
+            ("list", "deployments"),
+            ("watch", "deployments"),
+        ],
+        WorkloadKind::StatefulSet => [
+            ("get", "statefulsets/scale"),
+            ("patch", "statefulsets/scale"),
+            ("get", "statefulsets"),
+            ("patch", "statefulsets"),
+            ("list", "statefulsets"),
+            ("watch", "statefulsets"),
+        ],
+    }
+}
+
+fn plural(kind: WorkloadKind) -> &'static str {
+    match kind {
+        WorkloadKind::Deployment => "deployments",
+        WorkloadKind::StatefulSet => "statefulsets",
+    }
+}
+
+impl Scaler {
+    /// A scaler over `client`.
+    pub fn new(client: Client, retry: RetryPolicy) -> Self {
+        Scaler { client, retry }
+    }
+
+    /// A scaler from the kubeconfig or in-cluster configuration, as kube infers it.
+    pub async fn infer(retry: RetryPolicy) -> Result<Self, ScaleError> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| ScaleError::Config(e.to_string()))?;
+        Ok(Self::new(client, retry))
+    }
+
+    async fn retrying<T, F, Fut>(
+        &self,
+        target: &Target,
+        verb: &'static str,
+        sub: &str,
+        f: F,
+    ) -> Result<T, ScaleError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let resource = format!("{}{sub}", plural(target.kind));
+        let mut delay = self.retry.first_delay;
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let transient = is_transient(&e);
+                    if !transient || attempt >= self.retry.attempts {
+                        return Err(classify(e, target, verb, &resource, attempt));
+                    }
+                    tracing::debug!(attempt, error = %e, verb, resource = %resource, "transient Kubernetes error; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn spec_replicas(&self, t: &Target) -> Result<i32, ScaleError> {
+        let scale = match t.kind {
+            WorkloadKind::Deployment => {
+                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload))
+                    .await?
+            }
+            WorkloadKind::StatefulSet => {
+                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload))
+                    .await?
+            }
+        };
+        // NB: the API omits spec.replicas when it is 0.
+        Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0))
+    }
+
+    async fn patch_scale(&self, t: &Target, replicas: i32) -> Result<(), ScaleError> {
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let patch = Patch::Merge(json!({ "spec": { "replicas": replicas } }));
+        match t.kind {
+            WorkloadKind::Deployment => {
+                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "patch", "/scale", || {
+                    api.patch_scale(&t.workload, &params, &patch)
+                })
+                .await?;
+            }
+            WorkloadKind::StatefulSet => {
+                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "patch", "/scale", || {
+                    api.patch_scale(&t.workload, &params, &patch)
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn annotations(
+        &self,
+        t: &Target,
+    ) -> Result<std::collections::BTreeMap<String, String>, ScaleError> {
+        let meta = match t.kind {
+            WorkloadKind::Deployment => {
+                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "get", "", || api.get(&t.workload))
+                    .await?
+                    .metadata
+            }
+            WorkloadKind::StatefulSet => {
+                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "get", "", || api.get(&t.workload))
+                    .await?
+                    .metadata
+            }
+        };
+        Ok(meta.annotations.unwrap_or_default())
+    }
+
+    async fn remember(&self, t: &Target, replicas: i32) -> Result<(), ScaleError> {
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let patch = Patch::Merge(
+            json!({ "metadata": { "annotations": { REMEMBERED_REPLICAS: replicas.to_string() } } }),
+        );
+        match t.kind {
+            WorkloadKind::Deployment => {
+                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch))
+                    .await?;
+            }
+            WorkloadKind::StatefulSet => {
+                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
+                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Scales up: to `replicas`, else to the remembered count (1 when unknown). A workload
+    /// already running is left alone unless `replicas` differs.
+    pub async fn start(&self, t: &Target, replicas: Option<i32>) -> Result<Change, ScaleError> {
+        let current = self.spec_replicas(t).await?;
+        let wanted = match replicas {
+            Some(n) => n,
+            None if current > 0 => return Ok(Change::Unchanged { replicas: current }),
+            None => self
+                .annotations(t)
+                .await?
+                .get(REMEMBERED_REPLICAS)
+                .and_then(|v| v.parse::<i32>().ok())
+                .filter(|n| *n >= 1)
+                .unwrap_or(1)
+                .min(t.max_replicas),
+        };
+        if wanted == current {
+            return Ok(Change::Unchanged { replicas: current });
+        }
+        self.patch_scale(t, wanted).await?;
+        Ok(Change::Scaled {
+            from: current,
+            to: wanted,
+        })
+    }
+
+    /// Scales to zero, first remembering the current count on the workload.
+    pub async fn stop(&self, t: &Target) -> Result<Change, ScaleError> {
+        let current = self.spec_replicas(t).await?;
+        if current == 0 {
+            return Ok(Change::Unchanged { replicas: 0 });
+        }
+        self.remember(t, current).await?;
+        self.patch_scale(t, 0).await?;
+        Ok(Change::Scaled {
+            from: current,
+            to: 0,
+        })
+    }
+
+    /// The workload's state and counts.
+    pub async fn status(&self, t: &Target) -> Result<WorkloadStatus, ScaleError> {
+        Ok(match t.kind {
+            WorkloadKind::Deployment => {
+                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
+                deployment_status(&self.retrying(t, "get", "", || api.get(&t.workload)).await?)
+            }
+            WorkloadKind::StatefulSet => {
+                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
+                statefulset_status(&self.retrying(t, "get", "", || api.get(&t.workload)).await?)
+            }
+        })
+    }
+
+    /// Watches the workload until it settles (running, off, or degraded) or `timeout` passes.
+    /// Returns the last status, whether it settled, and how long it took.
+    pub async fn wait_until_settled(
+        &self,
+        t: &Target,
+        timeout: Duration,
+    ) -> Result<(WorkloadStatus, bool, Duration), ScaleError> {
+        let started = Instant::now();
+        let mut last = self.status(t).await?;
+        if settled(&last) {
+            return Ok((last, true, started.elapsed()));
+        }
+        let outcome = tokio::time::timeout(timeout, async {
+            match t.kind {
+                WorkloadKind::Deployment => {
+                    let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
+                    let mut stream = watcher::watch_object(api, &t.workload).boxed();
+                    while let Some(item) = stream.next().await {
+                        if let Ok(Some(d)) = item {
+                            last = deployment_status(&d);
+                            if settled(&last) {
+                                return true;
+                            }
+                        }
+                    }
+                }
+                WorkloadKind::StatefulSet => {
+                    let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
+                    let mut stream = watcher::watch_object(api, &t.workload).boxed();
+                    while let Some(item) = stream.next().await {
+                        if let Ok(Some(s)) = item {
+                            last = statefulset_status(&s);
+                            if settled(&last) {
+                                return true;
+                            }
+                        }
+                    }
+                }
+            }
+            false
+        })
+        .await;
+        let done = outcome.unwrap_or(false);
+        Ok((last, done, started.elapsed()))
+    }
+
+    /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses.
+    /// Returns (verb, resource, allowed) for each.
+    pub async fn access_review(
+        &self,
+        t: &Target,
+    ) -> Result<Vec<(&'static str, &'static str, bool)>, ScaleError> {
+        let api: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        let mut out = Vec::new();
+        for (verb, resource) in permissions_needed(t.kind) {
+            let (res, sub) = resource
+                .split_once('/')
+                .map_or((resource, None), |(r, s)| (r, Some(s.to_owned())));
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(t.namespace.clone()),
+                        verb: Some(verb.into()),
+                        group: Some("apps".into()),
+                        resource: Some(res.into()),
+                        subresource: sub,
+                        name: (verb != "list" && verb != "watch").then(|| t.workload.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let post = PostParams::default();
+            let answer = self
+                .retrying(t, "create", "", || api.create(&post, &review))
+                .await?;
+            out.push((verb, resource, answer.status.is_some_and(|s| s.allowed)));
+        }
+        Ok(out)
+    }
+}
+
+fn settled(s: &WorkloadStatus) -> bool {
+    matches!(s.state, State::Running | State::Off | State::Degraded)
+}
+
+fn is_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => matches!(status.code, 409 | 429 | 500..=599),
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
+fn classify(
+    e: kube::Error,
+    t: &Target,
+    verb: &'static str,
+    resource: &str,
+    attempts: u32,
+) -> ScaleError {
+    match e {
+        kube::Error::Api(status) => match status.code {
+            403 => ScaleError::Forbidden {
+                verb,
+                resource: resource.to_owned(),
+                namespace: t.namespace.clone(),
+                name: t.workload.clone(),
+            },
+            404 => ScaleError::NotFound {
+                kind: t.kind,
+                namespace: t.namespace.clone(),
+                name: t.workload.clone(),
+            },
+            401 => ScaleError::Unauthorized,
+            422 | 400 => ScaleError::Invalid(status.message),
+            409 | 429 | 500..=599 => {
+                ScaleError::Unavailable(format!("{} {}", status.code, status.reason), attempts)
+            }
+            _ => ScaleError::Other(format!(
+                "{} {}: {}",
+                status.code, status.reason, status.message
+            )),
+        },
+        other if is_transient(&other) => ScaleError::Unavailable(other.to_string(), attempts),
+        other => ScaleError::Other(other.to_string()),
+    }
+}
+
+/// The state of a Deployment, as its controller reports it.
+pub fn deployment_status(d: &Deployment) -> WorkloadStatus {
+    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let st = d.status.clone().unwrap_or_default();
+    let (current, ready, available, updated) = (
+        st.replicas.unwrap_or(0),
+        st.ready_replicas.unwrap_or(0),
+        st.available_replicas.unwrap_or(0),
+        st.updated_replicas.unwrap_or(0),
+    );
+    let generation = d.metadata.generation.unwrap_or(0);
+    let observed = st.observed_generation.unwrap_or(0) >= generation;
+    let conditions = st.conditions.unwrap_or_default();
+    let progressing = conditions.iter().find(|c| c.type_ == "Progressing");
+    let deadline_exceeded =
+        progressing.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let message = if deadline_exceeded {
+        progressing.and_then(|c| c.message.clone())
+    } else {
+        conditions
+            .iter()
+            .find(|c| c.type_ == "Available" && c.status == "False")
+            .and_then(|c| c.message.clone())
+    };
+    let state = if desired == 0 {
+        if current > 0 {
+            State::Stopping
+        } else {
+            State::Off
+        }
+    } else if deadline_exceeded {
+        State::Degraded
+    } else if observed
+        && updated == desired
+        && available == desired
+        && ready >= desired
+        && current == desired
+    {
+        State::Running
+    } else {
+        State::Starting
+    };
+    WorkloadStatus {
+        state,
+        desired,
+        current,
+        ready,
+        available,
+        updated,
+        message,
+    }
+}
+
+/// The state of a StatefulSet, as its controller reports it.
+pub fn statefulset_status(s: &StatefulSet) -> WorkloadStatus {
+    let desired = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let st = s.status.clone().unwrap_or_default();
+    let (current, ready, available, updated) = (
+        st.replicas,
+        st.ready_replicas.unwrap_or(0),
+        st.available_replicas.unwrap_or(0),
+        st.updated_replicas.unwrap_or(0),
+    );
+    let observed = st.observed_generation.unwrap_or(0) >= s.metadata.generation.unwrap_or(0);
+    let state = if desired == 0 {
+        if current > 0 {
+            State::Stopping
+        } else {
+            State::Off
+        }
+    } else if observed && ready == desired && current == desired {
+        State::Running
+    } else {
+        State::Starting
+    };
+    WorkloadStatus {
+        state,
+        desired,
+        current,
+        ready,
+        available,
+        updated,
+        message: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(spec: i32, status: serde_json::Value, generation: i64) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "d", "generation": generation},
+            "spec": {"replicas": spec, "selector": {}, "template": {}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn deployment_states_follow_the_controller_fields() {
+        let cases = [
+            (0, json!({"observedGeneration": 2}), State::Off),
+            (
+                0,
+                json!({"observedGeneration": 2, "replicas": 1}),
+                State::Stopping,
+            ),
+            (
+                1,
+                json!({"observedGeneration": 2, "replicas": 1}),
+                State::Starting,
+            ),
+            (
+                1,
+                json!({"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}),
+                State::Starting,
+            ),
+            (
+                1,
+                json!({"observedGeneration": 2, "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}),
+                State::Running,
+            ),
+            (
+                2,
+                json!({"observedGeneration": 2, "replicas": 2, "readyReplicas": 1, "conditions": [
+                    {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet \"d-1\" has timed out progressing."}
+                ]}),
+                State::Degraded,
+            ),
+        ];
+        for (spec, status, expected) in cases {
+            let s = deployment_status(&deployment(spec, status.clone(), 2));
+            assert_eq!(s.state, expected, "{spec} {status}");
+        }
+    }
+
+    #[test]
+    fn a_degraded_deployment_carries_the_condition_message() {
+        let d = deployment(
+            1,
+            json!({"observedGeneration": 2, "replicas": 1, "conditions": [
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}
+            ]}),
+            2,
+        );
+        assert_eq!(deployment_status(&d).message.as_deref(), Some("timed out"));
+    }
+}
