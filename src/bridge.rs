@@ -1,80 +1,700 @@
 //! The glue, and the only module that knows both Matrix and Kubernetes: a queued event →
 //! (invite → join or reject) / (message → parse → authorize → scale → reply).
+//!
+//! A command runs at most once: its progress is stored before the reply is sent, and replies
+//! use transaction ids derived from the command's event id, so the homeserver drops repeats.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use ruma::{
-    OwnedRoomId,
-    api::client::membership::{join_room_by_id, leave_room},
-    events::{AnyStateEvent, AnyTimelineEvent, room::member::MembershipState},
+    EventId, OwnedEventId, OwnedRoomId, OwnedTransactionId, RoomId, UserId,
+    api::client::{
+        membership::{get_member_events, join_room_by_id, leave_room},
+        message::send_message_event,
+        state::get_state_event_for_key,
+    },
+    events::{
+        AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEventType,
+        relation::InReplyTo,
+        room::{
+            member::{MembershipState, RoomMemberEvent},
+            message::{MessageType, OriginalRoomMessageEvent, Relation, RoomMessageEventContent},
+        },
+    },
     serde::Raw,
 };
 
 use crate::{
-    config::Config,
+    commands::{self, Addressed, BotNames, Command, Parsed, Permission},
+    config::{Config, RefusalMode, Target},
     matrix::{MatrixClient, MatrixError},
-    metrics::Metrics,
-    store::{Job, Store},
+    metrics::{KindLabel, Metrics},
+    rooms::Rooms,
+    scaler::{Change, ScaleError, Scaler, State, WorkloadStatus},
+    store::{Job, Progress, Store, StoreError},
     worker::{JobHandler, Outcome},
 };
+
+/// Errors while acting on an event.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The homeserver call failed.
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+    /// The state database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A reply would have gone into an encrypted room in plaintext.
+    #[error("room {0} is encrypted and encryption is not available; not sending plaintext")]
+    WouldLeakPlaintext(OwnedRoomId),
+}
+
+impl BridgeError {
+    fn is_transient(&self) -> bool {
+        match self {
+            BridgeError::Matrix(e) => e.is_transient(),
+            BridgeError::Store(_) => true,
+            BridgeError::WouldLeakPlaintext(_) => false,
+        }
+    }
+}
+
+/// A message for the room: plain text and its HTML form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Plain text.
+    pub plain: String,
+    /// HTML.
+    pub html: String,
+}
+
+impl Reply {
+    /// A reply from plain text; the HTML form escapes it and keeps line breaks.
+    pub fn text(plain: impl Into<String>) -> Self {
+        let plain = plain.into();
+        let html = escape_html(&plain).replace('\n', "<br>");
+        Reply { plain, html }
+    }
+}
+
+/// Escapes text for HTML.
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// How long a refusal to a stranger stays the only one in a room.
+const REFUSAL_INTERVAL_MS: i64 = 3_600_000;
 
 /// The bridge: everything it needs to act on an event.
 pub struct Bridge {
     config: Arc<Config>,
     matrix: Arc<MatrixClient>,
-    #[allow(dead_code)]
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    rooms: Arc<Rooms>,
+    scaler: Result<Scaler, ScaleError>,
+    names: BotNames,
+    refusals: Mutex<HashMap<OwnedRoomId, i64>>,
 }
 
 impl Bridge {
-    /// A bridge acting with these parts.
+    /// A bridge acting with these parts; `scaler` is the error to report when Kubernetes
+    /// could not be configured.
     pub fn new(
         config: Arc<Config>,
         matrix: Arc<MatrixClient>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
+        rooms: Arc<Rooms>,
+        scaler: Result<Scaler, ScaleError>,
     ) -> Self {
+        let names = BotNames::new(config.bot_user_id.as_str(), &config.display_name);
         Self {
             config,
             matrix,
             store,
             metrics,
+            rooms,
+            scaler,
+            names,
+            refusals: Mutex::new(HashMap::new()),
         }
     }
 
-    async fn handle_invite(
-        &self,
-        room_id: OwnedRoomId,
-        inviter: &ruma::UserId,
-    ) -> Result<(), MatrixError> {
-        if self.config.allowed_users.allows(inviter) {
-            tracing::info!(room_id = %room_id, inviter = %inviter, "joining on invite");
-            self.matrix
-                .send(join_room_by_id::v3::Request::new(room_id))
-                .await?;
-        } else {
-            tracing::info!(room_id = %room_id, inviter = %inviter, "rejecting an invite from a user who is not allowed");
-            let mut request = leave_room::v3::Request::new(room_id);
-            request.reason = Some("only allowed users can invite this bot".into());
-            self.matrix.send(request).await?;
+    async fn handle_event(&self, job: &Job, event: AnyTimelineEvent) -> Result<(), BridgeError> {
+        match event {
+            AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) => {
+                self.on_member(member).await
+            }
+            AnyTimelineEvent::State(AnyStateEvent::RoomEncryption(e)) => {
+                self.rooms.set_encrypted(e.room_id());
+                Ok(())
+            }
+            AnyTimelineEvent::State(AnyStateEvent::RoomHistoryVisibility(e)) => {
+                if let Some(original) = e.as_original() {
+                    self.rooms.set_history_visibility(
+                        e.room_id(),
+                        original.content.history_visibility.as_str(),
+                    );
+                }
+                Ok(())
+            }
+            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(
+                MessageLikeEvent::Original(message),
+            )) => self.on_message(job, &message).await,
+            _ => Ok(()),
         }
-        Ok(())
     }
 
-    async fn handle_event(&self, event: AnyTimelineEvent) -> Result<(), MatrixError> {
-        if event.sender() == self.matrix.bot() {
+    async fn on_member(&self, member: RoomMemberEvent) -> Result<(), BridgeError> {
+        let room = member.room_id().to_owned();
+        let user = <&UserId>::try_from(member.state_key().as_str())
+            .ok()
+            .map(ToOwned::to_owned);
+        let Some(user) = user else { return Ok(()) };
+        let membership = member.membership().clone();
+        if user == *self.matrix.bot() {
+            match membership {
+                MembershipState::Invite if member.sender() != self.matrix.bot() => {
+                    return self.on_invite(room, member.sender()).await;
+                }
+                MembershipState::Leave | MembershipState::Ban => self.rooms.forget(&room),
+                _ => {}
+            }
             return Ok(());
         }
-        if let AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) = &event
-            && member.state_key() == self.matrix.bot()
-            && *member.membership() == MembershipState::Invite
-        {
-            return self
-                .handle_invite(member.room_id().to_owned(), member.sender())
-                .await;
+        self.rooms.set_membership(&room, &user, membership);
+        Ok(())
+    }
+
+    async fn on_invite(&self, room: OwnedRoomId, inviter: &UserId) -> Result<(), BridgeError> {
+        if self.config.allowed_users.allows(inviter) {
+            tracing::info!(room_id = %room, inviter = %inviter, "joining on invite");
+            match self
+                .matrix
+                .send(join_room_by_id::v3::Request::new(room.clone()))
+                .await
+            {
+                Ok(_) => {}
+                // NB: the invite may have been withdrawn, or the room left, before we got here.
+                Err(e)
+                    if e.errcode() == Some("M_FORBIDDEN") || e.errcode() == Some("M_NOT_FOUND") =>
+                {
+                    tracing::info!(room_id = %room, error = %e, "could not join; the invite is gone");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.load_room(&room).await?;
+        } else {
+            tracing::info!(room_id = %room, inviter = %inviter, "rejecting an invite from a user who is not allowed");
+            let mut request = leave_room::v3::Request::new(room);
+            request.reason = Some("only allowed users can invite this bot".into());
+            match self.matrix.send(request).await {
+                Ok(_) => {}
+                Err(e) if !e.is_transient() => {
+                    tracing::info!(error = %e, "could not reject the invite")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
+    }
+
+    /// Loads the member list and encryption state of `room` from the homeserver.
+    async fn load_room(&self, room: &RoomId) -> Result<(), BridgeError> {
+        let response = self
+            .matrix
+            .send(get_member_events::v3::Request::new(room.to_owned()))
+            .await?;
+        let mut members = BTreeMap::new();
+        for raw in response.chunk {
+            if let Ok(ev) = raw.deserialize()
+                && let Ok(user) = <&UserId>::try_from(ev.state_key().as_str())
+            {
+                members.insert(user.to_owned(), ev.membership().clone());
+            }
+        }
+        let encryption = get_state_event_for_key::v3::Request::new(
+            room.to_owned(),
+            StateEventType::RoomEncryption,
+            String::new(),
+        );
+        match self.matrix.send(encryption).await {
+            Ok(_) => self.rooms.set_encrypted(room),
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.rooms.load(room, members);
+        Ok(())
+    }
+
+    async fn on_message(
+        &self,
+        job: &Job,
+        message: &OriginalRoomMessageEvent,
+    ) -> Result<(), BridgeError> {
+        let content = &message.content;
+        if matches!(content.relates_to, Some(Relation::Replacement(_))) {
+            return Ok(());
+        }
+        let MessageType::Text(text) = &content.msgtype else {
+            return Ok(());
+        };
+        let room = &message.room_id;
+        if !self.rooms.is_loaded(room) {
+            self.load_room(room).await?;
+        }
+        let joined = self.rooms.get(room).map_or(0, |r| r.joined().count());
+        let addressed = if joined <= 2 {
+            Addressed::ToBot
+        } else {
+            Addressed::ToRoom
+        };
+        let mentioned = content
+            .mentions
+            .as_ref()
+            .is_some_and(|m| m.user_ids.contains(self.matrix.bot()));
+        let (parsed, to_bot) = commands::read(&text.body, &self.names, addressed, mentioned);
+        let sender = &message.sender;
+        let allowed = self.config.allowed_users.allows(sender);
+        if matches!(parsed, Parsed::NotACommand) && !to_bot {
+            return Ok(());
+        }
+        if !allowed {
+            return self.refuse(job, room, &message.event_id, sender).await;
+        }
+
+        let age_ms = job.received_ms - i64::from(message.origin_server_ts.0);
+        let reply = if age_ms > self.config.command_max_age.as_millis() as i64 {
+            let minutes = age_ms / 60_000;
+            tracing::info!(event_id = %message.event_id, age_ms, "ignoring an old command");
+            Some(Reply::text(format!(
+                "ignored: sent {minutes} min ago (commands older than {} min are not run)",
+                self.config.command_max_age.as_secs() / 60
+            )))
+        } else {
+            None
+        };
+
+        if self.config.echo_mode {
+            self.send_notice(
+                room,
+                None,
+                &Reply::text(format!("🦞 {}", text.body)),
+                &txn_id("echo", &message.event_id),
+            )
+            .await?;
+        }
+
+        let progress = self.store.progress(message.event_id.as_str())?;
+        let (reply, follow_up) = match (progress, reply) {
+            (Some(Progress::Replied), _) => return Ok(()),
+            (Some(Progress::Acted { reply }), _) => (Reply::text(reply), None),
+            (None, Some(reply)) => (reply, None),
+            (None, None) => {
+                let (reply, follow_up) = match parsed {
+                    Parsed::Command(cmd) => self.execute(&cmd, sender, to_bot, job).await,
+                    Parsed::Invalid(why) => (Some(why), None),
+                    Parsed::NotACommand => (
+                        Some(format!(
+                            "Unknown command: {}\n{}",
+                            text.body.trim(),
+                            commands::help_text(&self.target_names())
+                        )),
+                        None,
+                    ),
+                };
+                let Some(reply) = reply else { return Ok(()) };
+                self.store.set_progress(
+                    message.event_id.as_str(),
+                    &Progress::Acted {
+                        reply: reply.clone(),
+                    },
+                )?;
+                (Reply::text(reply), follow_up)
+            }
+        };
+        self.send_notice(
+            room,
+            Some(&message.event_id),
+            &reply,
+            &txn_id("reply", &message.event_id),
+        )
+        .await?;
+        self.metrics
+            .transaction_to_reply_seconds
+            .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+        self.store
+            .set_progress(message.event_id.as_str(), &Progress::Replied)?;
+        if let (Some(target), Ok(scaler)) = (follow_up, &self.scaler) {
+            self.spawn_follow_up(
+                scaler.clone(),
+                target,
+                room.clone(),
+                message.event_id.clone(),
+            );
+        }
+        Ok(())
+    }
+
+    async fn refuse(
+        &self,
+        job: &Job,
+        room: &RoomId,
+        event_id: &EventId,
+        sender: &UserId,
+    ) -> Result<(), BridgeError> {
+        tracing::info!(room_id = %room, sender = %sender, "ignoring a command from a user who is not allowed");
+        self.metrics.error("not_allowed");
+        if self.config.refusal != RefusalMode::Hourly {
+            return Ok(());
+        }
+        let due = {
+            let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            let last = refusals.get(room).copied();
+            let due = last.is_none_or(|t| job.received_ms - t >= REFUSAL_INTERVAL_MS);
+            if due {
+                refusals.insert(room.to_owned(), job.received_ms);
+            }
+            due
+        };
+        if due {
+            let reply = Reply::text(format!(
+                "Sorry, {sender} may not command this bot. Ask an admin to add you to ALLOWED_USERS."
+            ));
+            self.send_notice(room, Some(event_id), &reply, &txn_id("refuse", event_id))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn target_names(&self) -> Vec<String> {
+        self.config.targets.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// Picks the targets a command is about. `Err` is the message to answer with, `Ok(None)`
+    /// means stay silent (chatter naming no known target).
+    fn resolve(&self, cmd: &Command, to_bot: bool) -> Result<Option<Vec<&Target>>, String> {
+        match cmd.target() {
+            Some(name) => match self.config.target(name) {
+                Some(t) => Ok(Some(vec![t])),
+                None if !to_bot => Ok(None),
+                None => Err(format!(
+                    "There is no target `{name}`. Targets: {}",
+                    self.target_names().join(", ")
+                )),
+            },
+            None if matches!(cmd, Command::Status { .. }) => {
+                Ok(Some(self.config.targets.iter().collect()))
+            }
+            None if self.config.targets.len() == 1 => Ok(Some(vec![&self.config.targets[0]])),
+            None => Err(format!(
+                "Which one? `{} <target>`. Targets: {}",
+                cmd.name(),
+                self.target_names().join(", ")
+            )),
+        }
+    }
+
+    /// Runs a command; returns the reply (None = stay silent) and the target to watch.
+    async fn execute(
+        &self,
+        cmd: &Command,
+        sender: &UserId,
+        to_bot: bool,
+        job: &Job,
+    ) -> (Option<String>, Option<FollowUp>) {
+        self.metrics
+            .commands
+            .get_or_create(&KindLabel {
+                kind: cmd.name().into(),
+            })
+            .inc();
+        tracing::info!(command = %cmd, sender = %sender, "command");
+        match cmd {
+            Command::Help => return (Some(commands::help_text(&self.target_names())), None),
+            Command::List => return (Some(self.list_text(sender)), None),
+            _ => {}
+        }
+        let targets = match self.resolve(cmd, to_bot) {
+            Ok(Some(t)) => t,
+            Ok(None) => return (None, None),
+            Err(message) => return (Some(message), None),
+        };
+        let permitted: Vec<&Target> = targets
+            .into_iter()
+            .filter(|t| t.allowed_users.as_ref().is_none_or(|l| l.allows(sender)))
+            .collect();
+        let Some(first) = permitted.first().copied() else {
+            let verb = if cmd.permission() == Permission::Operate {
+                "operate"
+            } else {
+                "see"
+            };
+            return (Some(format!("You may not {verb} that target.")), None);
+        };
+        let scaler = match &self.scaler {
+            Ok(s) => s,
+            Err(e) => return (Some(format!("⚠️ {e}")), None),
+        };
+        match cmd {
+            Command::Status { .. } => {
+                let mut lines = Vec::new();
+                for t in permitted {
+                    lines.push(match scaler.status(t).await {
+                        Ok(s) => status_line(t, &s),
+                        Err(e) => format!("⚠️ {}: {e}", t.name),
+                    });
+                }
+                (Some(lines.join("\n")), None)
+            }
+            Command::Start { replicas, .. } => {
+                if let Some(n) = replicas
+                    && *n > first.max_replicas
+                {
+                    return (
+                        Some(format!(
+                            "{} allows at most {} replicas.",
+                            first.name, first.max_replicas
+                        )),
+                        None,
+                    );
+                }
+                match scaler.start(first, *replicas).await {
+                    Ok(Change::Scaled { from, to }) => {
+                        self.metrics
+                            .transaction_to_patch_seconds
+                            .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+                        tracing::info!(target = %first.name, from, to, "scaled up");
+                        (
+                            Some(format!(
+                                "{} is starting: {from} → {to} replicas.",
+                                first.name
+                            )),
+                            Some(FollowUp {
+                                target: first.clone(),
+                                up: true,
+                            }),
+                        )
+                    }
+                    Ok(Change::Unchanged { replicas }) => (
+                        Some(format!(
+                            "{} is already on ({replicas} replicas).",
+                            first.name
+                        )),
+                        None,
+                    ),
+                    Err(e) => {
+                        self.metrics.error("kubernetes");
+                        (
+                            Some(format!("⚠️ Could not start {}: {e}", first.name)),
+                            None,
+                        )
+                    }
+                }
+            }
+            Command::Stop { .. } => match scaler.stop(first).await {
+                Ok(Change::Scaled { from, .. }) => {
+                    self.metrics
+                        .transaction_to_patch_seconds
+                        .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+                    tracing::info!(target = %first.name, from, "scaled to zero");
+                    (
+                        Some(format!(
+                            "{} is stopping: {from} → 0 replicas (`start` brings back {from}).",
+                            first.name
+                        )),
+                        Some(FollowUp {
+                            target: first.clone(),
+                            up: false,
+                        }),
+                    )
+                }
+                Ok(Change::Unchanged { .. }) => {
+                    (Some(format!("{} is already off.", first.name)), None)
+                }
+                Err(e) => {
+                    self.metrics.error("kubernetes");
+                    (Some(format!("⚠️ Could not stop {}: {e}", first.name)), None)
+                }
+            },
+            Command::List | Command::Help => unreachable!("answered above"),
+        }
+    }
+
+    fn list_text(&self, sender: &UserId) -> String {
+        let mut out = String::from("Targets:");
+        for t in &self.config.targets {
+            if t.allowed_users.as_ref().is_none_or(|l| l.allows(sender)) {
+                out.push_str(&format!(
+                    "\n• {}: {} {}/{} (at most {} replicas)",
+                    t.name, t.kind, t.namespace, t.workload, t.max_replicas
+                ));
+            }
+        }
+        out
+    }
+
+    fn spawn_follow_up(
+        &self,
+        scaler: Scaler,
+        follow: FollowUp,
+        room: OwnedRoomId,
+        event_id: OwnedEventId,
+    ) {
+        let timeout = self.config.rollout_timeout;
+        let matrix = self.matrix.clone();
+        let rooms = self.rooms.clone();
+        tokio::spawn(async move {
+            let t = &follow.target;
+            let text = match scaler.wait_until_settled(t, timeout).await {
+                Ok((s, _, took)) => outcome_line(t, &s, follow.up, took),
+                Err(e) => format!("⚠️ Could not follow {}: {e}", t.name),
+            };
+            let reply = Reply::text(text);
+            if let Err(e) = send_notice(
+                &matrix,
+                &rooms,
+                &room,
+                Some(&event_id),
+                &reply,
+                &txn_id("outcome", &event_id),
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "could not post the rollout outcome");
+            }
+        });
+    }
+
+    async fn send_notice(
+        &self,
+        room: &RoomId,
+        reply_to: Option<&EventId>,
+        reply: &Reply,
+        txn: &OwnedTransactionId,
+    ) -> Result<(), BridgeError> {
+        send_notice(&self.matrix, &self.rooms, room, reply_to, reply, txn).await
+    }
+}
+
+/// What to watch after a start or stop.
+struct FollowUp {
+    target: Target,
+    up: bool,
+}
+
+async fn send_notice(
+    matrix: &MatrixClient,
+    rooms: &Rooms,
+    room: &RoomId,
+    reply_to: Option<&EventId>,
+    reply: &Reply,
+    txn: &OwnedTransactionId,
+) -> Result<(), BridgeError> {
+    if rooms.get(room).is_some_and(|r| r.encrypted) {
+        return Err(BridgeError::WouldLeakPlaintext(room.to_owned()));
+    }
+    let mut content = RoomMessageEventContent::notice_html(reply.plain.clone(), reply.html.clone());
+    if let Some(id) = reply_to {
+        content.relates_to = Some(Relation::Reply(ruma::events::relation::Reply::new(
+            InReplyTo::new(id.to_owned()),
+        )));
+    }
+    let request = send_message_event::v3::Request::new(room.to_owned(), txn.clone(), &content)
+        .map_err(|e| MatrixError::Build(e.to_string()))?;
+    matrix.send(request).await?;
+    Ok(())
+}
+
+/// A transaction id derived from an event id, so a repeated send is dropped by the homeserver.
+fn txn_id(kind: &str, event_id: &EventId) -> OwnedTransactionId {
+    let safe: String = event_id
+        .as_str()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    format!("mkt-{kind}-{safe}").into()
+}
+
+fn elapsed_since_ms(ms: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(ms);
+    Duration::from_millis((now - ms).max(0) as u64)
+}
+
+/// One line of `status` for a target.
+pub fn status_line(t: &Target, s: &WorkloadStatus) -> String {
+    let mut line = format!(
+        "{} is {}: {}/{} ready (available {}, updated {}; {} {}/{})",
+        t.name,
+        s.state,
+        s.ready,
+        s.desired,
+        s.available,
+        s.updated,
+        t.kind,
+        t.namespace,
+        t.workload
+    );
+    if let Some(m) = &s.message
+        && matches!(s.state, State::Degraded | State::Starting)
+    {
+        line.push_str(&format!(". {m}"));
+    }
+    line
+}
+
+/// The message after watching a start or stop.
+pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) -> String {
+    let secs = took.as_secs();
+    match (up, s.state) {
+        (true, State::Running) => format!(
+            "{} is up: {}/{} ready after {secs} s",
+            t.name, s.ready, s.desired
+        ),
+        (false, State::Off) => format!("{} is off after {secs} s", t.name),
+        (_, State::Degraded) => format!(
+            "⚠️ {} is degraded after {secs} s: {}/{} ready. {}",
+            t.name,
+            s.ready,
+            s.desired,
+            s.message
+                .as_deref()
+                .unwrap_or("the rollout missed its progress deadline")
+        ),
+        (true, _) => format!(
+            "{} is still starting after {secs} s: {}/{} ready.{}",
+            t.name,
+            s.ready,
+            s.desired,
+            s.message
+                .as_deref()
+                .map(|m| format!(" {m}"))
+                .unwrap_or_default()
+        ),
+        (false, _) => format!(
+            "{} is still stopping after {secs} s: {} pods left",
+            t.name, s.current
+        ),
     }
 }
 
@@ -92,7 +712,10 @@ impl JobHandler for Bridge {
                 return Outcome::Done;
             }
         };
-        match self.handle_event(event).await {
+        if event.sender() == self.matrix.bot() {
+            return Outcome::Done;
+        }
+        match self.handle_event(job, event).await {
             Ok(()) => Outcome::Done,
             Err(e) if e.is_transient() => {
                 self.metrics.error("homeserver");
@@ -100,10 +723,87 @@ impl JobHandler for Bridge {
                 Outcome::RetryAfter(RETRY_DELAY)
             }
             Err(e) => {
-                self.metrics.error("homeserver");
+                self.metrics.error("bridge");
                 tracing::warn!(event_id = %job.event_id, error = %e, "could not act on an event");
                 Outcome::Done
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WorkloadKind;
+
+    fn target() -> Target {
+        Target {
+            name: "clawdbot".into(),
+            kind: WorkloadKind::Deployment,
+            namespace: "clawdbot".into(),
+            workload: "clawdbot".into(),
+            max_replicas: 10,
+            allowed_users: None,
+        }
+    }
+
+    fn status(state: State, desired: i32, ready: i32, message: Option<&str>) -> WorkloadStatus {
+        WorkloadStatus {
+            state,
+            desired,
+            current: desired,
+            ready,
+            available: ready,
+            updated: ready,
+            message: message.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_finished_start_says_how_long_it_took() {
+        let line = outcome_line(
+            &target(),
+            &status(State::Running, 1, 1, None),
+            true,
+            Duration::from_secs(14),
+        );
+        assert_eq!(line, "clawdbot is up: 1/1 ready after 14 s");
+    }
+
+    #[test]
+    fn a_start_still_in_progress_after_the_bound_carries_the_condition_message() {
+        let s = status(
+            State::Starting,
+            1,
+            0,
+            Some("Deployment does not have minimum availability."),
+        );
+        let line = outcome_line(&target(), &s, true, Duration::from_secs(120));
+        assert_eq!(
+            line,
+            "clawdbot is still starting after 120 s: 0/1 ready. Deployment does not have minimum availability."
+        );
+    }
+
+    #[test]
+    fn status_names_state_counts_and_workload() {
+        let line = status_line(&target(), &status(State::Running, 2, 2, None));
+        assert_eq!(
+            line,
+            "clawdbot is running: 2/2 ready (available 2, updated 2; Deployment clawdbot/clawdbot)"
+        );
+    }
+
+    #[test]
+    fn html_replies_escape_markup() {
+        let r = Reply::text("a <b> & \"c\"\nd");
+        assert_eq!(r.html, "a &lt;b&gt; &amp; &quot;c&quot;<br>d");
+    }
+
+    #[test]
+    fn reply_transaction_ids_are_stable_and_url_safe() {
+        let id = <&EventId>::try_from("$abc+/=DEF:x.org").unwrap();
+        assert_eq!(txn_id("reply", id), txn_id("reply", id));
+        assert_eq!(txn_id("reply", id).as_str(), "mkt-reply-abcDEFxorg");
     }
 }

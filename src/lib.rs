@@ -12,6 +12,7 @@ pub mod matrix;
 pub mod metrics;
 pub mod policy;
 pub mod registration;
+pub mod rooms;
 pub mod scaler;
 pub mod secret;
 pub mod service;

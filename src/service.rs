@@ -18,6 +18,8 @@ use crate::{
     config::Config,
     matrix::MatrixClient,
     metrics::Metrics,
+    rooms::Rooms,
+    scaler::{RetryPolicy, Scaler},
     startup,
     store::{Store, StoreError},
     worker,
@@ -88,11 +90,18 @@ pub async fn run(
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let scaler = Scaler::infer(RetryPolicy::default()).await;
+    if let Err(e) = &scaler {
+        tracing::error!(error = %e, "Kubernetes is not configured; commands will answer with this error");
+    }
+    let rooms = Arc::new(Rooms::default());
     let bridge = Arc::new(Bridge::new(
         config.clone(),
         matrix.clone(),
         store.clone(),
         metrics.clone(),
+        rooms,
+        scaler,
     ));
     let worker = tokio::spawn(worker::run(store.clone(), bridge, work, stop_rx.clone()));
     let startup = {

@@ -36,6 +36,8 @@ pub struct Job {
     pub event: String,
     /// How often handling was attempted and postponed.
     pub attempts: i64,
+    /// When its transaction arrived (ms since the Unix epoch).
+    pub received_ms: i64,
 }
 
 /// How far a command has come; persisted so a crash neither repeats nor loses it.
@@ -71,7 +73,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     event_id TEXT NOT NULL UNIQUE,
     event TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    received_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(done, seq);
 CREATE TABLE IF NOT EXISTS progress (
@@ -131,10 +134,11 @@ impl Store {
         let tx = conn.transaction()?;
         let mut added = 0;
         {
-            let mut insert =
-                tx.prepare_cached("INSERT OR IGNORE INTO jobs (event_id, event) VALUES (?1, ?2)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO jobs (event_id, event, received_ms) VALUES (?1, ?2, ?3)",
+            )?;
             for (event_id, event) in events {
-                added += insert.execute(params![event_id, event])?;
+                added += insert.execute(params![event_id, event, now_ms])?;
             }
         }
         tx.execute(
@@ -149,7 +153,7 @@ impl Store {
     pub fn pending_jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, event_id, event, attempts FROM jobs WHERE done = 0 ORDER BY seq LIMIT ?1",
+            "SELECT seq, event_id, event, attempts, received_ms FROM jobs WHERE done = 0 ORDER BY seq LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit as i64], |r| {
             Ok(Job {
@@ -157,6 +161,7 @@ impl Store {
                 event_id: r.get(1)?,
                 event: r.get(2)?,
                 attempts: r.get(3)?,
+                received_ms: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
