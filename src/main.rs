@@ -52,6 +52,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // NB: with more than one rustls backend linked in, none is chosen by default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command.unwrap_or(Command::Serve) {
         Command::GenerateRegistration {
             url,

@@ -1,0 +1,11 @@
+//! End-to-end tests: the server on a real socket, driven by kube-rs and by raw HTTP.
+
+mod admin;
+mod bodies;
+mod controller;
+mod faults;
+mod kube_client;
+mod rbac;
+mod requests;
+mod support;
+mod watch;
