@@ -114,11 +114,7 @@ pub struct MatrixErrorResponse {
 
 impl MatrixErrorResponse {
     fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            errcode,
-            message: message.into(),
-        }
+        Self { status, errcode, message: message.into() }
     }
 }
 
@@ -129,31 +125,21 @@ impl IntoResponse for MatrixErrorResponse {
         } else {
             tracing::debug!(status = %self.status, errcode = self.errcode, message = %self.message, "request refused");
         }
-        (
-            self.status,
-            Json(json!({ "errcode": self.errcode, "error": self.message })),
-        )
-            .into_response()
+        (self.status, Json(json!({ "errcode": self.errcode, "error": self.message }))).into_response()
     }
 }
 
 /// The router: appservice API (token-checked), health, readiness, metrics, and the fallbacks.
 pub fn app(state: AppState) -> Router {
     let appservice = Router::new()
-        .route(
-            "/_matrix/app/v1/transactions/{txn_id}",
-            put(put_transaction),
-        )
+        .route("/_matrix/app/v1/transactions/{txn_id}", put(put_transaction))
         .route("/transactions/{txn_id}", put(put_transaction))
         .route("/_matrix/app/v1/ping", post(ping))
         .route("/_matrix/app/v1/users/{user_id}", get(not_found))
         .route("/_matrix/app/v1/rooms/{alias}", get(not_found))
         .route("/users/{user_id}", get(not_found))
         .route("/rooms/{alias}", get(not_found))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_hs_token,
-        ));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_hs_token));
     Router::new()
         .merge(appservice)
         .route("/healthz", get(healthz))
@@ -184,12 +170,8 @@ async fn require_hs_token(
         .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
     let token = match (bearer, query.access_token.as_deref()) {
         (None, None) => {
-            return MatrixErrorResponse::new(
-                StatusCode::UNAUTHORIZED,
-                "M_MISSING_TOKEN",
-                "missing hs_token",
-            )
-            .into_response();
+            return MatrixErrorResponse::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing hs_token")
+                .into_response();
         }
         (Some(a), Some(b)) if a != b => {
             return MatrixErrorResponse::new(
@@ -203,8 +185,7 @@ async fn require_hs_token(
     };
     if !state.inner.hs_token.matches(token) {
         state.inner.metrics.error("bad_hs_token");
-        return MatrixErrorResponse::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "wrong hs_token")
-            .into_response();
+        return MatrixErrorResponse::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "wrong hs_token").into_response();
     }
     next.run(request).await
 }
@@ -218,20 +199,13 @@ async fn put_transaction(
     let started = Instant::now();
     let inner = &state.inner;
     let result = handle_transaction(inner, &txn_id, body).await;
-    inner
-        .metrics
-        .transaction_seconds
-        .observe(started.elapsed().as_secs_f64());
+    inner.metrics.transaction_seconds.observe(started.elapsed().as_secs_f64());
     let label = match &result {
         Ok(true) => "ok",
         Ok(false) => "replayed",
         Err(_) => "rejected",
     };
-    inner
-        .metrics
-        .transactions
-        .get_or_create(&ResultLabel { result: label })
-        .inc();
+    inner.metrics.transactions.get_or_create(&ResultLabel { result: label }).inc();
     result.map(|_| Json(json!({})))
 }
 
@@ -242,11 +216,7 @@ async fn handle_transaction(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<bool, MatrixErrorResponse> {
     if txn_id.is_empty() || txn_id.len() > MAX_TXN_ID_LEN || txn_id.chars().any(char::is_control) {
-        return Err(MatrixErrorResponse::new(
-            StatusCode::BAD_REQUEST,
-            "M_INVALID_PARAM",
-            "invalid transaction id",
-        ));
+        return Err(MatrixErrorResponse::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "invalid transaction id"));
     }
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -266,16 +236,8 @@ async fn handle_transaction(
     }
     let txn = parse_transaction(txn_id, &body)?;
     for event in &txn.events {
-        let kind = event
-            .get_field::<String>("type")
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        inner
-            .metrics
-            .events
-            .get_or_create(&TypeLabel { r#type: kind })
-            .inc();
+        let kind = event.get_field::<String>("type").ok().flatten().unwrap_or_default();
+        inner.metrics.events.get_or_create(&TypeLabel { r#type: kind }).inc();
     }
     inner.sink.ingest(&txn).await;
     let queued: Vec<(String, String)> = txn
@@ -286,17 +248,10 @@ async fn handle_transaction(
             Some((id, e.json().get().to_owned()))
         })
         .collect();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     let added = store_call(inner, |s| s.record_transaction(txn_id, &queued, now_ms))?;
-    tracing::debug!(
-        events = txn.events.len(),
-        queued = added,
-        to_device = txn.to_device.len(),
-        "transaction accepted"
-    );
+    tracing::debug!(events = txn.events.len(), queued = added, to_device = txn.to_device.len(), "transaction accepted");
     if added > 0 {
         inner.work.notify_one();
     }
@@ -309,41 +264,23 @@ fn store_call<T>(
 ) -> Result<T, MatrixErrorResponse> {
     f(&inner.store).map_err(|e| {
         inner.metrics.error("state_store");
-        MatrixErrorResponse::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "M_UNKNOWN",
-            e.to_string(),
-        )
+        MatrixErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", e.to_string())
     })
 }
 
 /// Parses a transaction body with ruma's push_events type.
 pub fn parse_transaction(txn_id: &str, body: &[u8]) -> Result<Transaction, MatrixErrorResponse> {
     if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
-        return Err(MatrixErrorResponse::new(
-            StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
-            "body is not JSON",
-        ));
+        return Err(MatrixErrorResponse::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", "body is not JSON"));
     }
     let request = http::Request::builder()
         .method(http::Method::PUT)
-        .uri(format!(
-            "/_matrix/app/v1/transactions/{}",
-            urlencode(txn_id)
-        ))
+        .uri(format!("/_matrix/app/v1/transactions/{}", urlencode(txn_id)))
         .header(header::CONTENT_TYPE, "application/json")
         .body(body)
-        .map_err(|e| {
-            MatrixErrorResponse::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", e.to_string())
-        })?;
-    push_events::v1::Request::try_from_http_request(request, &[txn_id]).map_err(|e| {
-        MatrixErrorResponse::new(
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-            format!("not a transaction: {e}"),
-        )
-    })
+        .map_err(|e| MatrixErrorResponse::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", e.to_string()))?;
+    push_events::v1::Request::try_from_http_request(request, &[txn_id])
+        .map_err(|e| MatrixErrorResponse::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("not a transaction: {e}")))
 }
 
 fn urlencode(s: &str) -> String {
@@ -353,41 +290,22 @@ fn urlencode(s: &str) -> String {
 async fn ping(State(state): State<AppState>, body: Bytes) -> Json<serde_json::Value> {
     let txn = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| {
-            v.get("transaction_id")
-                .and_then(|t| t.as_str())
-                .map(str::to_owned)
-        });
+        .and_then(|v| v.get("transaction_id").and_then(|t| t.as_str()).map(str::to_owned));
     tracing::info!(transaction_id = ?txn, "homeserver pinged us");
-    state
-        .inner
-        .homeserver_reachable
-        .store(true, Ordering::Relaxed);
+    state.inner.homeserver_reachable.store(true, Ordering::Relaxed);
     Json(json!({}))
 }
 
 async fn not_found() -> MatrixErrorResponse {
-    MatrixErrorResponse::new(
-        StatusCode::NOT_FOUND,
-        "M_NOT_FOUND",
-        "this bridge has no such user or room",
-    )
+    MatrixErrorResponse::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "this bridge has no such user or room")
 }
 
 async fn unrecognized() -> MatrixErrorResponse {
-    MatrixErrorResponse::new(
-        StatusCode::NOT_FOUND,
-        "M_UNRECOGNIZED",
-        "unrecognized request",
-    )
+    MatrixErrorResponse::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request")
 }
 
 async fn method_not_allowed() -> MatrixErrorResponse {
-    MatrixErrorResponse::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "M_UNRECOGNIZED",
-        "method not allowed",
-    )
+    MatrixErrorResponse::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "method not allowed")
 }
 
 async fn healthz() -> &'static str {
@@ -397,19 +315,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let store = state.inner.store.is_healthy();
     let homeserver = state.inner.homeserver_reachable.load(Ordering::Relaxed);
-    let status = if store && homeserver {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        format!(
-            "state_store: {}\nhomeserver: {}\n",
-            ok(store),
-            ok(homeserver)
-        ),
-    )
+    let status = if store && homeserver { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, format!("state_store: {}\nhomeserver: {}\n", ok(store), ok(homeserver)))
 }
 
 fn ok(b: bool) -> &'static str {
@@ -418,10 +325,7 @@ fn ok(b: bool) -> &'static str {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.inner.metrics.render(),
     )
 }

@@ -21,6 +21,7 @@ use ruma::{
         AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEventType,
         relation::InReplyTo,
         room::{
+            history_visibility::HistoryVisibility,
             member::{MembershipState, RoomMemberEvent},
             message::{MessageType, OriginalRoomMessageEvent, Relation, RoomMessageEventContent},
         },
@@ -28,14 +29,17 @@ use ruma::{
     serde::Raw,
 };
 
+use matrix_sdk_common::deserialized_responses::EncryptionInfo;
+
 use crate::{
     commands::{self, Addressed, BotNames, Command, Parsed, Permission},
     config::{Config, RefusalMode, Target},
+    crypto::{CryptoCell, CryptoError, Decryption},
     matrix::{MatrixClient, MatrixError},
     metrics::{KindLabel, Metrics},
     rooms::Rooms,
     scaler::{Change, ScaleError, Scaler, State, WorkloadStatus},
-    store::{Job, Progress, Store, StoreError},
+    store::{Job, Parked, Progress, Store, StoreError},
     worker::{JobHandler, Outcome},
 };
 
@@ -49,8 +53,11 @@ pub enum BridgeError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A reply would have gone into an encrypted room in plaintext.
-    #[error("room {0} is encrypted and encryption is not available; not sending plaintext")]
+    #[error("room {0} is encrypted and encryption is not set up yet; not sending plaintext")]
     WouldLeakPlaintext(OwnedRoomId),
+    /// Encrypting or decrypting failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
 }
 
 impl BridgeError {
@@ -58,7 +65,9 @@ impl BridgeError {
         match self {
             BridgeError::Matrix(e) => e.is_transient(),
             BridgeError::Store(_) => true,
-            BridgeError::WouldLeakPlaintext(_) => false,
+            // NB: encryption is being set up; the reply goes out once it is.
+            BridgeError::WouldLeakPlaintext(_) => true,
+            BridgeError::Crypto(e) => e.is_transient(),
         }
     }
 }
@@ -107,6 +116,8 @@ pub struct Bridge {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     rooms: Arc<Rooms>,
+    outbox: Arc<Outbox>,
+    crypto: Arc<CryptoCell>,
     scaler: Result<Scaler, ScaleError>,
     names: BotNames,
     refusals: Mutex<HashMap<OwnedRoomId, i64>>,
@@ -121,15 +132,19 @@ impl Bridge {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         rooms: Arc<Rooms>,
+        crypto: Arc<CryptoCell>,
         scaler: Result<Scaler, ScaleError>,
     ) -> Self {
         let names = BotNames::new(config.bot_user_id.as_str(), &config.display_name);
+        let outbox = Arc::new(Outbox { matrix: matrix.clone(), rooms: rooms.clone(), crypto: crypto.clone() });
         Self {
             config,
             matrix,
             store,
             metrics,
             rooms,
+            outbox,
+            crypto,
             scaler,
             names,
             refusals: Mutex::new(HashMap::new()),
@@ -138,34 +153,113 @@ impl Bridge {
 
     async fn handle_event(&self, job: &Job, event: AnyTimelineEvent) -> Result<(), BridgeError> {
         match event {
-            AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) => {
-                self.on_member(member).await
-            }
+            AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) => self.on_member(member).await,
             AnyTimelineEvent::State(AnyStateEvent::RoomEncryption(e)) => {
                 self.rooms.set_encrypted(e.room_id());
                 Ok(())
             }
             AnyTimelineEvent::State(AnyStateEvent::RoomHistoryVisibility(e)) => {
                 if let Some(original) = e.as_original() {
-                    self.rooms.set_history_visibility(
-                        e.room_id(),
-                        original.content.history_visibility.as_str(),
-                    );
+                    self.rooms.set_history_visibility(e.room_id(), original.content.history_visibility.as_str());
                 }
                 Ok(())
             }
-            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(
-                MessageLikeEvent::Original(message),
-            )) => self.on_message(job, &message).await,
+            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(message))) => {
+                self.on_message(job, &message, None).await
+            }
+            AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomEncrypted(MessageLikeEvent::Original(e))) => {
+                self.on_encrypted(job, &e.room_id, &e.sender).await
+            }
             _ => Ok(()),
+        }
+    }
+
+    async fn on_encrypted(&self, job: &Job, room: &RoomId, sender: &UserId) -> Result<(), BridgeError> {
+        let Some(crypto) = self.crypto.get() else {
+            return Err(BridgeError::WouldLeakPlaintext(room.to_owned()));
+        };
+        match crypto.decrypt(&job.event, room).await {
+            Decryption::Decrypted { event, info } => {
+                if job.attempts > 0 {
+                    self.metrics.crypto("recovered");
+                }
+                let inner_room = event.get_field::<String>("room_id").ok().flatten();
+                if info.sender != sender || inner_room.as_deref().is_some_and(|r| r != room.as_str()) {
+                    self.metrics.error("forged_event");
+                    tracing::warn!(event_id = %job.event_id, "refusing an event whose encrypted payload names another sender or room");
+                    return Ok(());
+                }
+                match event.deserialize() {
+                    Ok(AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(
+                        MessageLikeEvent::Original(m),
+                    ))) => self.on_message(job, &m, Some(&info)).await,
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        tracing::debug!(event_id = %job.event_id, error = %e, "skipping a decrypted event we cannot read");
+                        Ok(())
+                    }
+                }
+            }
+            Decryption::MissingKey { session_id: Some(session_id) } => {
+                self.metrics.crypto("waiting_for_key");
+                tracing::debug!(event_id = %job.event_id, session_id, "no room key yet; waiting for it");
+                let parked = Parked {
+                    event_id: job.event_id.clone(),
+                    room_id: room.to_string(),
+                    sender: sender.to_string(),
+                    parked_ms: job.received_ms,
+                };
+                self.store.park_undecrypted(&parked, &session_id, &job.event)?;
+                Ok(())
+            }
+            Decryption::MissingKey { session_id: None } | Decryption::Failed(_) => {
+                tracing::info!(event_id = %job.event_id, sender = %sender, "cannot decrypt an event");
+                let event_id =
+                    <&EventId>::try_from(job.event_id.as_str()).map_err(|e| MatrixError::Build(e.to_string()))?;
+                self.tell_undecryptable(room, sender, event_id).await
+            }
+        }
+    }
+
+    /// Tells an allowed sender, once, that their message could not be read. Others hear nothing.
+    async fn tell_undecryptable(&self, room: &RoomId, sender: &UserId, event_id: &EventId) -> Result<(), BridgeError> {
+        self.metrics.crypto("undecryptable");
+        if !self.config.allowed_users.allows(sender) {
+            return Ok(());
+        }
+        let reply = Reply::text(format!(
+            "{sender}: I could not decrypt your message. This can happen when your client did not share its key with me (for example while I was restarting). Please send your command again."
+        ));
+        self.send_notice(room, Some(event_id), &reply, &txn_id("utd", event_id)).await
+    }
+
+    /// Answers the senders of messages whose room key never came within the wait window.
+    pub async fn report_undecryptable(&self, now_ms: i64) {
+        let before = now_ms - self.config.decryption_wait.as_millis() as i64;
+        let expired = match self.store.take_expired_undecrypted(before) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the events waiting for keys");
+                return;
+            }
+        };
+        for parked in expired {
+            let (Ok(room), Ok(sender), Ok(event_id)) = (
+                <&RoomId>::try_from(parked.room_id.as_str()),
+                <&UserId>::try_from(parked.sender.as_str()),
+                <&EventId>::try_from(parked.event_id.as_str()),
+            ) else {
+                continue;
+            };
+            if let Err(e) = self.tell_undecryptable(room, sender, event_id).await {
+                tracing::warn!(error = %e, "could not tell a sender their message was unreadable");
+            }
         }
     }
 
     async fn on_member(&self, member: RoomMemberEvent) -> Result<(), BridgeError> {
         let room = member.room_id().to_owned();
-        let user = <&UserId>::try_from(member.state_key().as_str())
-            .ok()
-            .map(ToOwned::to_owned);
+        let user = <&UserId>::try_from(member.state_key().as_str()).ok().map(ToOwned::to_owned);
         let Some(user) = user else { return Ok(()) };
         let membership = member.membership().clone();
         if user == *self.matrix.bot() {
@@ -185,16 +279,10 @@ impl Bridge {
     async fn on_invite(&self, room: OwnedRoomId, inviter: &UserId) -> Result<(), BridgeError> {
         if self.config.allowed_users.allows(inviter) {
             tracing::info!(room_id = %room, inviter = %inviter, "joining on invite");
-            match self
-                .matrix
-                .send(join_room_by_id::v3::Request::new(room.clone()))
-                .await
-            {
+            match self.matrix.send(join_room_by_id::v3::Request::new(room.clone())).await {
                 Ok(_) => {}
                 // NB: the invite may have been withdrawn, or the room left, before we got here.
-                Err(e)
-                    if e.errcode() == Some("M_FORBIDDEN") || e.errcode() == Some("M_NOT_FOUND") =>
-                {
+                Err(e) if e.errcode() == Some("M_FORBIDDEN") || e.errcode() == Some("M_NOT_FOUND") => {
                     tracing::info!(room_id = %room, error = %e, "could not join; the invite is gone");
                     return Ok(());
                 }
@@ -218,10 +306,7 @@ impl Bridge {
 
     /// Loads the member list and encryption state of `room` from the homeserver.
     async fn load_room(&self, room: &RoomId) -> Result<(), BridgeError> {
-        let response = self
-            .matrix
-            .send(get_member_events::v3::Request::new(room.to_owned()))
-            .await?;
+        let response = self.matrix.send(get_member_events::v3::Request::new(room.to_owned())).await?;
         let mut members = BTreeMap::new();
         for raw in response.chunk {
             if let Ok(ev) = raw.deserialize()
@@ -230,11 +315,8 @@ impl Bridge {
                 members.insert(user.to_owned(), ev.membership().clone());
             }
         }
-        let encryption = get_state_event_for_key::v3::Request::new(
-            room.to_owned(),
-            StateEventType::RoomEncryption,
-            String::new(),
-        );
+        let encryption =
+            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomEncryption, String::new());
         match self.matrix.send(encryption).await {
             Ok(_) => self.rooms.set_encrypted(room),
             Err(e) if e.errcode() == Some("M_NOT_FOUND") => {}
@@ -248,6 +330,7 @@ impl Bridge {
         &self,
         job: &Job,
         message: &OriginalRoomMessageEvent,
+        encryption: Option<&EncryptionInfo>,
     ) -> Result<(), BridgeError> {
         let content = &message.content;
         if matches!(content.relates_to, Some(Relation::Replacement(_))) {
@@ -261,15 +344,8 @@ impl Bridge {
             self.load_room(room).await?;
         }
         let joined = self.rooms.get(room).map_or(0, |r| r.joined().count());
-        let addressed = if joined <= 2 {
-            Addressed::ToBot
-        } else {
-            Addressed::ToRoom
-        };
-        let mentioned = content
-            .mentions
-            .as_ref()
-            .is_some_and(|m| m.user_ids.contains(self.matrix.bot()));
+        let addressed = if joined <= 2 { Addressed::ToBot } else { Addressed::ToRoom };
+        let mentioned = content.mentions.as_ref().is_some_and(|m| m.user_ids.contains(self.matrix.bot()));
         let (parsed, to_bot) = commands::read(&text.body, &self.names, addressed, mentioned);
         let sender = &message.sender;
         let allowed = self.config.allowed_users.allows(sender);
@@ -293,13 +369,8 @@ impl Bridge {
         };
 
         if self.config.echo_mode {
-            self.send_notice(
-                room,
-                None,
-                &Reply::text(format!("🦞 {}", text.body)),
-                &txn_id("echo", &message.event_id),
-            )
-            .await?;
+            self.send_notice(room, None, &Reply::text(format!("🦞 {}", text.body)), &txn_id("echo", &message.event_id))
+                .await?;
         }
 
         let progress = self.store.progress(message.event_id.as_str())?;
@@ -308,10 +379,21 @@ impl Bridge {
             (Some(Progress::Acted { reply }), _) => (Reply::text(reply), None),
             (None, Some(reply)) => (reply, None),
             (None, None) => {
-                let (reply, follow_up) = match parsed {
-                    Parsed::Command(cmd) => self.execute(&cmd, sender, to_bot, job).await,
-                    Parsed::Invalid(why) => (Some(why), None),
-                    Parsed::NotACommand => (
+                let refusal = match (encryption, parsed.clone()) {
+                    (Some(info), Parsed::Command(_)) => match self.crypto.get() {
+                        Some(crypto) => crypto.check_trust(info, self.config.trust_policy).await.err(),
+                        None => Some("Encryption is still being set up; send the command again in a moment.".into()),
+                    },
+                    _ => None,
+                };
+                let (reply, follow_up) = match (refusal, parsed) {
+                    (Some(refusal), _) => {
+                        self.metrics.error("untrusted_device");
+                        (Some(refusal), None)
+                    }
+                    (None, Parsed::Command(cmd)) => self.execute(&cmd, sender, to_bot, job).await,
+                    (None, Parsed::Invalid(why)) => (Some(why), None),
+                    (None, Parsed::NotACommand) => (
                         Some(format!(
                             "Unknown command: {}\n{}",
                             text.body.trim(),
@@ -321,45 +403,20 @@ impl Bridge {
                     ),
                 };
                 let Some(reply) = reply else { return Ok(()) };
-                self.store.set_progress(
-                    message.event_id.as_str(),
-                    &Progress::Acted {
-                        reply: reply.clone(),
-                    },
-                )?;
+                self.store.set_progress(message.event_id.as_str(), &Progress::Acted { reply: reply.clone() })?;
                 (Reply::text(reply), follow_up)
             }
         };
-        self.send_notice(
-            room,
-            Some(&message.event_id),
-            &reply,
-            &txn_id("reply", &message.event_id),
-        )
-        .await?;
-        self.metrics
-            .transaction_to_reply_seconds
-            .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
-        self.store
-            .set_progress(message.event_id.as_str(), &Progress::Replied)?;
+        self.send_notice(room, Some(&message.event_id), &reply, &txn_id("reply", &message.event_id)).await?;
+        self.metrics.transaction_to_reply_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+        self.store.set_progress(message.event_id.as_str(), &Progress::Replied)?;
         if let (Some(target), Ok(scaler)) = (follow_up, &self.scaler) {
-            self.spawn_follow_up(
-                scaler.clone(),
-                target,
-                room.clone(),
-                message.event_id.clone(),
-            );
+            self.spawn_follow_up(scaler.clone(), target, room.clone(), message.event_id.clone());
         }
         Ok(())
     }
 
-    async fn refuse(
-        &self,
-        job: &Job,
-        room: &RoomId,
-        event_id: &EventId,
-        sender: &UserId,
-    ) -> Result<(), BridgeError> {
+    async fn refuse(&self, job: &Job, room: &RoomId, event_id: &EventId, sender: &UserId) -> Result<(), BridgeError> {
         tracing::info!(room_id = %room, sender = %sender, "ignoring a command from a user who is not allowed");
         self.metrics.error("not_allowed");
         if self.config.refusal != RefusalMode::Hourly {
@@ -378,8 +435,7 @@ impl Bridge {
             let reply = Reply::text(format!(
                 "Sorry, {sender} may not command this bot. Ask an admin to add you to ALLOWED_USERS."
             ));
-            self.send_notice(room, Some(event_id), &reply, &txn_id("refuse", event_id))
-                .await?;
+            self.send_notice(room, Some(event_id), &reply, &txn_id("refuse", event_id)).await?;
         }
         Ok(())
     }
@@ -395,20 +451,11 @@ impl Bridge {
             Some(name) => match self.config.target(name) {
                 Some(t) => Ok(Some(vec![t])),
                 None if !to_bot => Ok(None),
-                None => Err(format!(
-                    "There is no target `{name}`. Targets: {}",
-                    self.target_names().join(", ")
-                )),
+                None => Err(format!("There is no target `{name}`. Targets: {}", self.target_names().join(", "))),
             },
-            None if matches!(cmd, Command::Status { .. }) => {
-                Ok(Some(self.config.targets.iter().collect()))
-            }
+            None if matches!(cmd, Command::Status { .. }) => Ok(Some(self.config.targets.iter().collect())),
             None if self.config.targets.len() == 1 => Ok(Some(vec![&self.config.targets[0]])),
-            None => Err(format!(
-                "Which one? `{} <target>`. Targets: {}",
-                cmd.name(),
-                self.target_names().join(", ")
-            )),
+            None => Err(format!("Which one? `{} <target>`. Targets: {}", cmd.name(), self.target_names().join(", "))),
         }
     }
 
@@ -420,16 +467,12 @@ impl Bridge {
         to_bot: bool,
         job: &Job,
     ) -> (Option<String>, Option<FollowUp>) {
-        self.metrics
-            .commands
-            .get_or_create(&KindLabel {
-                kind: cmd.name().into(),
-            })
-            .inc();
+        self.metrics.commands.get_or_create(&KindLabel { kind: cmd.name().into() }).inc();
         tracing::info!(command = %cmd, sender = %sender, "command");
         match cmd {
             Command::Help => return (Some(commands::help_text(&self.target_names())), None),
             Command::List => return (Some(self.list_text(sender)), None),
+            Command::Approve { user } => return (Some(self.approve(user).await), None),
             _ => {}
         }
         let targets = match self.resolve(cmd, to_bot) {
@@ -437,16 +480,10 @@ impl Bridge {
             Ok(None) => return (None, None),
             Err(message) => return (Some(message), None),
         };
-        let permitted: Vec<&Target> = targets
-            .into_iter()
-            .filter(|t| t.allowed_users.as_ref().is_none_or(|l| l.allows(sender)))
-            .collect();
+        let permitted: Vec<&Target> =
+            targets.into_iter().filter(|t| t.allowed_users.as_ref().is_none_or(|l| l.allows(sender))).collect();
         let Some(first) = permitted.first().copied() else {
-            let verb = if cmd.permission() == Permission::Operate {
-                "operate"
-            } else {
-                "see"
-            };
+            let verb = if cmd.permission() == Permission::Operate { "operate" } else { "see" };
             return (Some(format!("You may not {verb} that target.")), None);
         };
         let scaler = match &self.scaler {
@@ -468,13 +505,7 @@ impl Bridge {
                 if let Some(n) = replicas
                     && *n > first.max_replicas
                 {
-                    return (
-                        Some(format!(
-                            "{} allows at most {} replicas.",
-                            first.name, first.max_replicas
-                        )),
-                        None,
-                    );
+                    return (Some(format!("{} allows at most {} replicas.", first.name, first.max_replicas)), None);
                 }
                 match scaler.start(first, *replicas).await {
                     Ok(Change::Scaled { from, to }) => {
@@ -483,58 +514,52 @@ impl Bridge {
                             .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                         tracing::info!(target = %first.name, from, to, "scaled up");
                         (
-                            Some(format!(
-                                "{} is starting: {from} → {to} replicas.",
-                                first.name
-                            )),
-                            Some(FollowUp {
-                                target: first.clone(),
-                                up: true,
-                            }),
+                            Some(format!("{} is starting: {from} → {to} replicas.", first.name)),
+                            Some(FollowUp { target: first.clone(), up: true }),
                         )
                     }
-                    Ok(Change::Unchanged { replicas }) => (
-                        Some(format!(
-                            "{} is already on ({replicas} replicas).",
-                            first.name
-                        )),
-                        None,
-                    ),
+                    Ok(Change::Unchanged { replicas }) => {
+                        (Some(format!("{} is already on ({replicas} replicas).", first.name)), None)
+                    }
                     Err(e) => {
                         self.metrics.error("kubernetes");
-                        (
-                            Some(format!("⚠️ Could not start {}: {e}", first.name)),
-                            None,
-                        )
+                        (Some(format!("⚠️ Could not start {}: {e}", first.name)), None)
                     }
                 }
             }
             Command::Stop { .. } => match scaler.stop(first).await {
                 Ok(Change::Scaled { from, .. }) => {
-                    self.metrics
-                        .transaction_to_patch_seconds
-                        .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+                    self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                     tracing::info!(target = %first.name, from, "scaled to zero");
                     (
-                        Some(format!(
-                            "{} is stopping: {from} → 0 replicas (`start` brings back {from}).",
-                            first.name
-                        )),
-                        Some(FollowUp {
-                            target: first.clone(),
-                            up: false,
-                        }),
+                        Some(format!("{} is stopping: {from} → 0 replicas (`start` brings back {from}).", first.name)),
+                        Some(FollowUp { target: first.clone(), up: false }),
                     )
                 }
-                Ok(Change::Unchanged { .. }) => {
-                    (Some(format!("{} is already off.", first.name)), None)
-                }
+                Ok(Change::Unchanged { .. }) => (Some(format!("{} is already off.", first.name)), None),
                 Err(e) => {
                     self.metrics.error("kubernetes");
                     (Some(format!("⚠️ Could not stop {}: {e}", first.name)), None)
                 }
             },
-            Command::List | Command::Help => unreachable!("answered above"),
+            Command::List | Command::Help | Command::Approve { .. } => unreachable!("answered above"),
+        }
+    }
+
+    async fn approve(&self, user: &str) -> String {
+        let Ok(user) = <&UserId>::try_from(user) else {
+            return format!("{user} is not a user id.");
+        };
+        let Some(crypto) = self.crypto.get() else {
+            return "Encryption is still being set up; try again in a moment.".into();
+        };
+        match crypto.approve_identity(user).await {
+            Ok(true) => {
+                tracing::info!(user = %user, "approved a changed encryption identity");
+                format!("Approved {user}'s new encryption identity; their commands work again.")
+            }
+            Ok(false) => format!("{user} has no changed identity to approve."),
+            Err(e) => format!("⚠️ Could not approve {user}: {e}"),
         }
     }
 
@@ -551,16 +576,9 @@ impl Bridge {
         out
     }
 
-    fn spawn_follow_up(
-        &self,
-        scaler: Scaler,
-        follow: FollowUp,
-        room: OwnedRoomId,
-        event_id: OwnedEventId,
-    ) {
+    fn spawn_follow_up(&self, scaler: Scaler, follow: FollowUp, room: OwnedRoomId, event_id: OwnedEventId) {
         let timeout = self.config.rollout_timeout;
-        let matrix = self.matrix.clone();
-        let rooms = self.rooms.clone();
+        let outbox = self.outbox.clone();
         tokio::spawn(async move {
             let t = &follow.target;
             let text = match scaler.wait_until_settled(t, timeout).await {
@@ -568,16 +586,7 @@ impl Bridge {
                 Err(e) => format!("⚠️ Could not follow {}: {e}", t.name),
             };
             let reply = Reply::text(text);
-            if let Err(e) = send_notice(
-                &matrix,
-                &rooms,
-                &room,
-                Some(&event_id),
-                &reply,
-                &txn_id("outcome", &event_id),
-            )
-            .await
-            {
+            if let Err(e) = outbox.send_notice(&room, Some(&event_id), &reply, &txn_id("outcome", &event_id)).await {
                 tracing::warn!(error = %e, "could not post the rollout outcome");
             }
         });
@@ -590,7 +599,10 @@ impl Bridge {
         reply: &Reply,
         txn: &OwnedTransactionId,
     ) -> Result<(), BridgeError> {
-        send_notice(&self.matrix, &self.rooms, room, reply_to, reply, txn).await
+        if !self.rooms.is_loaded(room) {
+            self.load_room(room).await?;
+        }
+        self.outbox.send_notice(room, reply_to, reply, txn).await
     }
 }
 
@@ -600,44 +612,54 @@ struct FollowUp {
     up: bool,
 }
 
-async fn send_notice(
-    matrix: &MatrixClient,
-    rooms: &Rooms,
-    room: &RoomId,
-    reply_to: Option<&EventId>,
-    reply: &Reply,
-    txn: &OwnedTransactionId,
-) -> Result<(), BridgeError> {
-    if rooms.get(room).is_some_and(|r| r.encrypted) {
-        return Err(BridgeError::WouldLeakPlaintext(room.to_owned()));
+/// Sends the bot's messages: encrypted in encrypted rooms, never plaintext there.
+struct Outbox {
+    matrix: Arc<MatrixClient>,
+    rooms: Arc<Rooms>,
+    crypto: Arc<CryptoCell>,
+}
+
+impl Outbox {
+    async fn send_notice(
+        &self,
+        room: &RoomId,
+        reply_to: Option<&EventId>,
+        reply: &Reply,
+        txn: &OwnedTransactionId,
+    ) -> Result<(), BridgeError> {
+        let mut content = RoomMessageEventContent::notice_html(reply.plain.clone(), reply.html.clone());
+        if let Some(id) = reply_to {
+            content.relates_to =
+                Some(Relation::Reply(ruma::events::relation::Reply::new(InReplyTo::new(id.to_owned()))));
+        }
+        let info = self.rooms.get(room).unwrap_or_default();
+        if info.encrypted {
+            let Some(crypto) = self.crypto.get() else {
+                return Err(BridgeError::WouldLeakPlaintext(room.to_owned()));
+            };
+            let raw = Raw::new(&content).map_err(|e| MatrixError::Build(e.to_string()))?.cast_unchecked();
+            let visibility =
+                info.history_visibility.as_deref().map(HistoryVisibility::from).unwrap_or(HistoryVisibility::Shared);
+            crypto.send_encrypted(room, &info.key_recipients(), visibility, raw, txn.clone()).await?;
+            return Ok(());
+        }
+        let request = send_message_event::v3::Request::new(room.to_owned(), txn.clone(), &content)
+            .map_err(|e| MatrixError::Build(e.to_string()))?;
+        self.matrix.send(request).await?;
+        Ok(())
     }
-    let mut content = RoomMessageEventContent::notice_html(reply.plain.clone(), reply.html.clone());
-    if let Some(id) = reply_to {
-        content.relates_to = Some(Relation::Reply(ruma::events::relation::Reply::new(
-            InReplyTo::new(id.to_owned()),
-        )));
-    }
-    let request = send_message_event::v3::Request::new(room.to_owned(), txn.clone(), &content)
-        .map_err(|e| MatrixError::Build(e.to_string()))?;
-    matrix.send(request).await?;
-    Ok(())
 }
 
 /// A transaction id derived from an event id, so a repeated send is dropped by the homeserver.
 fn txn_id(kind: &str, event_id: &EventId) -> OwnedTransactionId {
-    let safe: String = event_id
-        .as_str()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .collect();
+    let safe: String =
+        event_id.as_str().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
     format!("mkt-{kind}-{safe}").into()
 }
 
 fn elapsed_since_ms(ms: i64) -> Duration {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(ms);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(ms);
     Duration::from_millis((now - ms).max(0) as u64)
 }
 
@@ -645,15 +667,7 @@ fn elapsed_since_ms(ms: i64) -> Duration {
 pub fn status_line(t: &Target, s: &WorkloadStatus) -> String {
     let mut line = format!(
         "{} is {}: {}/{} ready (available {}, updated {}; {} {}/{})",
-        t.name,
-        s.state,
-        s.ready,
-        s.desired,
-        s.available,
-        s.updated,
-        t.kind,
-        t.namespace,
-        t.workload
+        t.name, s.state, s.ready, s.desired, s.available, s.updated, t.kind, t.namespace, t.workload
     );
     if let Some(m) = &s.message
         && matches!(s.state, State::Degraded | State::Starting)
@@ -667,34 +681,23 @@ pub fn status_line(t: &Target, s: &WorkloadStatus) -> String {
 pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) -> String {
     let secs = took.as_secs();
     match (up, s.state) {
-        (true, State::Running) => format!(
-            "{} is up: {}/{} ready after {secs} s",
-            t.name, s.ready, s.desired
-        ),
+        (true, State::Running) => format!("{} is up: {}/{} ready after {secs} s", t.name, s.ready, s.desired),
         (false, State::Off) => format!("{} is off after {secs} s", t.name),
         (_, State::Degraded) => format!(
             "⚠️ {} is degraded after {secs} s: {}/{} ready. {}",
             t.name,
             s.ready,
             s.desired,
-            s.message
-                .as_deref()
-                .unwrap_or("the rollout missed its progress deadline")
+            s.message.as_deref().unwrap_or("the rollout missed its progress deadline")
         ),
         (true, _) => format!(
             "{} is still starting after {secs} s: {}/{} ready.{}",
             t.name,
             s.ready,
             s.desired,
-            s.message
-                .as_deref()
-                .map(|m| format!(" {m}"))
-                .unwrap_or_default()
+            s.message.as_deref().map(|m| format!(" {m}")).unwrap_or_default()
         ),
-        (false, _) => format!(
-            "{} is still stopping after {secs} s: {} pods left",
-            t.name, s.current
-        ),
+        (false, _) => format!("{} is still stopping after {secs} s: {} pods left", t.name, s.current),
     }
 }
 
@@ -703,9 +706,7 @@ const RETRY_DELAY: Duration = Duration::from_secs(2);
 
 impl JobHandler for Bridge {
     async fn handle(&self, job: &Job) -> Outcome {
-        let event = match Raw::<AnyTimelineEvent>::from_json_string(job.event.clone())
-            .and_then(|r| r.deserialize())
-        {
+        let event = match Raw::<AnyTimelineEvent>::from_json_string(job.event.clone()).and_then(|r| r.deserialize()) {
             Ok(event) => event,
             Err(e) => {
                 tracing::debug!(event_id = %job.event_id, error = %e, "skipping an event we cannot read");
@@ -761,23 +762,13 @@ mod tests {
 
     #[test]
     fn a_finished_start_says_how_long_it_took() {
-        let line = outcome_line(
-            &target(),
-            &status(State::Running, 1, 1, None),
-            true,
-            Duration::from_secs(14),
-        );
+        let line = outcome_line(&target(), &status(State::Running, 1, 1, None), true, Duration::from_secs(14));
         assert_eq!(line, "clawdbot is up: 1/1 ready after 14 s");
     }
 
     #[test]
     fn a_start_still_in_progress_after_the_bound_carries_the_condition_message() {
-        let s = status(
-            State::Starting,
-            1,
-            0,
-            Some("Deployment does not have minimum availability."),
-        );
+        let s = status(State::Starting, 1, 0, Some("Deployment does not have minimum availability."));
         let line = outcome_line(&target(), &s, true, Duration::from_secs(120));
         assert_eq!(
             line,
@@ -788,10 +779,7 @@ mod tests {
     #[test]
     fn status_names_state_counts_and_workload() {
         let line = status_line(&target(), &status(State::Running, 2, 2, None));
-        assert_eq!(
-            line,
-            "clawdbot is running: 2/2 ready (available 2, updated 2; Deployment clawdbot/clawdbot)"
-        );
+        assert_eq!(line, "clawdbot is running: 2/2 ready (available 2, updated 2; Deployment clawdbot/clawdbot)");
     }
 
     #[test]

@@ -25,10 +25,7 @@ impl fmt::Display for CheckLine {
 }
 
 fn line(name: &str, result: Result<String, String>) -> CheckLine {
-    CheckLine {
-        name: name.to_owned(),
-        result,
-    }
+    CheckLine { name: name.to_owned(), result }
 }
 
 /// Runs every check; stops early when the configuration itself is invalid.
@@ -49,12 +46,7 @@ pub async fn run(config_path: Option<&Path>) -> Vec<CheckLine> {
         ),
         line(
             "registration",
-            Ok(format!(
-                "id {}, url {}, {}",
-                config.registration.id,
-                config.registration.url,
-                msc_summary(&config)
-            )),
+            Ok(format!("id {}, url {}, {}", config.registration.id, config.registration.url, msc_summary(&config))),
         ),
     ];
     lines.extend(homeserver_checks(&config).await);
@@ -73,47 +65,28 @@ fn msc_summary(config: &Config) -> String {
     if missing.is_empty() {
         "encryption keys enabled".into()
     } else {
-        format!(
-            "WARNING: encrypted rooms need {} in the registration",
-            missing.join(" and ")
-        )
+        format!("WARNING: encrypted rooms need {} in the registration", missing.join(" and "))
     }
 }
 
 async fn homeserver_checks(config: &Config) -> Vec<CheckLine> {
     let http = reqwest::Client::new();
-    let versions_url = format!(
-        "{}/_matrix/client/versions",
-        config.homeserver.as_str().trim_end_matches('/')
-    );
+    let versions_url = format!("{}/_matrix/client/versions", config.homeserver.as_str().trim_end_matches('/'));
     let reachable = match http.get(&versions_url).send().await {
         Ok(r) if r.status().is_success() => Ok(format!("{} answers", config.homeserver)),
-        Ok(r) => Err(format!(
-            "{versions_url} answered {}; is MATRIX_HOMESERVER the client-server API?",
-            r.status()
-        )),
-        Err(e) => Err(format!(
-            "cannot reach {versions_url}: {e}; fix MATRIX_HOMESERVER"
-        )),
+        Ok(r) => Err(format!("{versions_url} answered {}; is MATRIX_HOMESERVER the client-server API?", r.status())),
+        Err(e) => Err(format!("cannot reach {versions_url}: {e}; fix MATRIX_HOMESERVER")),
     };
     let ok = reachable.is_ok();
     let mut lines = vec![line("homeserver", reachable)];
     if !ok {
         return lines;
     }
-    let matrix = MatrixClient::new(
-        &config.homeserver,
-        config.registration.as_token.clone(),
-        config.bot_user_id.clone(),
-    );
+    let matrix =
+        MatrixClient::new(&config.homeserver, config.registration.as_token.clone(), config.bot_user_id.clone());
     let whoami = match matrix.send_without_device(whoami::v3::Request::new()).await {
-        Ok(r) if r.user_id == config.bot_user_id => {
-            Ok(format!("accepted, acting as {}", r.user_id))
-        }
-        Ok(r) => Err(format!(
-            "the homeserver says we are {}, expected {}",
-            r.user_id, config.bot_user_id
-        )),
+        Ok(r) if r.user_id == config.bot_user_id => Ok(format!("accepted, acting as {}", r.user_id)),
+        Ok(r) => Err(format!("the homeserver says we are {}, expected {}", r.user_id, config.bot_user_id)),
         Err(e) => Err(format!(
             "{e}; the homeserver must load this registration file (app_service_config_files) and be restarted after changes, and MATRIX_SERVER_NAME must match its server_name"
         )),

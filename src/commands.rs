@@ -32,6 +32,11 @@ pub enum Command {
         /// The target (all when absent).
         target: Option<String>,
     },
+    /// Accept a user's changed encryption identity (trust policy `tofu`).
+    Approve {
+        /// The user whose identity to accept.
+        user: String,
+    },
     /// List the targets.
     List,
     /// Show the commands.
@@ -47,10 +52,8 @@ impl Command {
     /// The target the command names, if any.
     pub fn target(&self) -> Option<&str> {
         match self {
-            Command::Start { target, .. }
-            | Command::Stop { target }
-            | Command::Status { target } => target.as_deref(),
-            Command::List | Command::Help => None,
+            Command::Start { target, .. } | Command::Stop { target } | Command::Status { target } => target.as_deref(),
+            Command::List | Command::Help | Command::Approve { .. } => None,
         }
     }
 
@@ -64,13 +67,11 @@ impl Command {
             Command::Start { .. } => "start",
             Command::Stop { .. } => "stop",
             Command::Status { .. } => "status",
+            Command::Approve { .. } => "approve",
             Command::List => "list",
             Command::Help => "help",
         };
-        COMMANDS
-            .iter()
-            .find(|c| c.name == name)
-            .expect("every command has a spec")
+        COMMANDS.iter().find(|c| c.name == name).expect("every command has a spec")
     }
 }
 
@@ -112,20 +113,15 @@ pub const COMMANDS: &[CommandSpec] = &[
         help: "show state and replica counts (all targets when none is named)",
         permission: Permission::Query,
     },
+    CommandSpec { name: "list", aliases: &[], args: "", help: "list the targets", permission: Permission::Query },
     CommandSpec {
-        name: "list",
+        name: "approve",
         aliases: &[],
-        args: "",
-        help: "list the targets",
-        permission: Permission::Query,
+        args: "<@user:server>",
+        help: "accept a user's new encryption identity, after checking it with them",
+        permission: Permission::Operate,
     },
-    CommandSpec {
-        name: "help",
-        aliases: &[],
-        args: "",
-        help: "show this help",
-        permission: Permission::Query,
-    },
+    CommandSpec { name: "help", aliases: &[], args: "", help: "show this help", permission: Permission::Query },
 ];
 
 /// The result of reading a message.
@@ -160,16 +156,9 @@ pub const PREFIX: &str = "!toggle";
 impl BotNames {
     /// The bot's user id, its localpart and its display name.
     pub fn new(user_id: &str, display_name: &str) -> Self {
-        let localpart = user_id
-            .trim_start_matches('@')
-            .split(':')
-            .next()
-            .unwrap_or_default();
-        let mut names: Vec<String> = [PREFIX, user_id, localpart, display_name]
-            .iter()
-            .map(|n| normalize(n))
-            .filter(|n| !n.is_empty())
-            .collect();
+        let localpart = user_id.trim_start_matches('@').split(':').next().unwrap_or_default();
+        let mut names: Vec<String> =
+            [PREFIX, user_id, localpart, display_name].iter().map(|n| normalize(n)).filter(|n| !n.is_empty()).collect();
         // Longest first, so "@toggle:x" is stripped before "toggle".
         names.sort_by_key(|n| std::cmp::Reverse(n.len()));
         names.dedup();
@@ -193,16 +182,9 @@ impl BotNames {
 
 /// Lower-cases, drops invisible and bidi control characters, and collapses whitespace.
 pub fn normalize(text: &str) -> String {
-    let cleaned: String = text
-        .chars()
-        .filter(|c| !is_invisible(*c))
-        .map(|c| if c.is_whitespace() { ' ' } else { c })
-        .collect();
-    cleaned
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
+    let cleaned: String =
+        text.chars().filter(|c| !is_invisible(*c)).map(|c| if c.is_whitespace() { ' ' } else { c }).collect();
+    cleaned.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
 fn is_invisible(c: char) -> bool {
@@ -229,17 +211,10 @@ pub fn read(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool)
 fn parse_words(rest: &str, to_bot: bool) -> Parsed {
     let mut words = rest.split(' ').filter(|w| !w.is_empty());
     let Some(verb) = words.next() else {
-        return if to_bot {
-            Parsed::Command(Command::Help)
-        } else {
-            Parsed::NotACommand
-        };
+        return if to_bot { Parsed::Command(Command::Help) } else { Parsed::NotACommand };
     };
     let args: Vec<&str> = words.collect();
-    let Some(spec) = COMMANDS
-        .iter()
-        .find(|c| c.name == verb || c.aliases.contains(&verb))
-    else {
+    let Some(spec) = COMMANDS.iter().find(|c| c.name == verb || c.aliases.contains(&verb)) else {
         return Parsed::NotACommand;
     };
     // NB: in a group room, a known verb followed by a sentence is chatter ("stop the music"),
@@ -269,32 +244,27 @@ fn build(name: &str, args: &[&str]) -> Parsed {
                 None => None,
                 Some(Ok(n)) if n >= 1 => Some(n),
                 Some(Ok(_)) => {
-                    return Parsed::Invalid(
-                        "replicas must be at least 1; use `stop` to scale to 0".into(),
-                    );
+                    return Parsed::Invalid("replicas must be at least 1; use `stop` to scale to 0".into());
                 }
                 Some(Err(_)) => {
-                    return Parsed::Invalid(
-                        "replicas must be a whole number, e.g. `start web 2`".into(),
-                    );
+                    return Parsed::Invalid("replicas must be a whole number, e.g. `start web 2`".into());
                 }
             };
-            Parsed::Command(Command::Start {
-                target: target.map(str::to_owned),
-                replicas,
-            })
+            Parsed::Command(Command::Start { target: target.map(str::to_owned), replicas })
         }
         "stop" | "status" => {
             if too_many(1) {
                 return Parsed::Invalid(format!("usage: {name} [target]"));
             }
             let target = args.first().map(|s| (*s).to_owned());
-            Parsed::Command(if name == "stop" {
-                Command::Stop { target }
-            } else {
-                Command::Status { target }
-            })
+            Parsed::Command(if name == "stop" { Command::Stop { target } } else { Command::Status { target } })
         }
+        "approve" => match args {
+            [user] if user.starts_with('@') && user.contains(':') => {
+                Parsed::Command(Command::Approve { user: (*user).to_owned() })
+            }
+            _ => Parsed::Invalid("usage: approve @user:server".into()),
+        },
         "list" if args.is_empty() => Parsed::Command(Command::List),
         "help" if args.is_empty() => Parsed::Command(Command::Help),
         _ => Parsed::Invalid(format!("`{name}` takes no arguments")),
@@ -305,23 +275,14 @@ fn build(name: &str, args: &[&str]) -> Parsed {
 pub fn help_text(targets: &[String]) -> String {
     let mut out = String::from("Commands:\n");
     for c in COMMANDS {
-        let names = std::iter::once(c.name)
-            .chain(c.aliases.iter().copied())
-            .collect::<Vec<_>>()
-            .join(" | ");
-        let synopsis = if c.args.is_empty() {
-            names
-        } else {
-            format!("{names} {}", c.args)
-        };
+        let names = std::iter::once(c.name).chain(c.aliases.iter().copied()).collect::<Vec<_>>().join(" | ");
+        let synopsis = if c.args.is_empty() { names } else { format!("{names} {}", c.args) };
         out.push_str(&format!("• {synopsis}: {}\n", c.help));
     }
     if targets.len() > 1 {
         out.push_str(&format!("Targets: {}\n", targets.join(", ")));
     }
-    out.push_str(&format!(
-        "In a group room, address me: `{PREFIX} status` or mention me."
-    ));
+    out.push_str(&format!("In a group room, address me: `{PREFIX} status` or mention me."));
     out
 }
 
@@ -331,10 +292,7 @@ impl fmt::Display for Command {
         if let Some(t) = self.target() {
             write!(f, " {t}")?;
         }
-        if let Command::Start {
-            replicas: Some(n), ..
-        } = self
-        {
+        if let Command::Start { replicas: Some(n), .. } = self {
             write!(f, " {n}")?;
         }
         Ok(())
@@ -364,83 +322,27 @@ mod tests {
     #[test]
     fn commands_parse_as_the_table_says() {
         let table: &[(&str, Parsed)] = &[
-            (
-                "start",
-                cmd(Command::Start {
-                    target: None,
-                    replicas: None,
-                }),
-            ),
-            (
-                "on",
-                cmd(Command::Start {
-                    target: None,
-                    replicas: None,
-                }),
-            ),
-            (
-                "  START  ",
-                cmd(Command::Start {
-                    target: None,
-                    replicas: None,
-                }),
-            ),
-            (
-                "Start 3",
-                cmd(Command::Start {
-                    target: None,
-                    replicas: Some(3),
-                }),
-            ),
-            (
-                "start web",
-                cmd(Command::Start {
-                    target: Some("web".into()),
-                    replicas: None,
-                }),
-            ),
-            (
-                "start web 2",
-                cmd(Command::Start {
-                    target: Some("web".into()),
-                    replicas: Some(2),
-                }),
-            ),
+            ("start", cmd(Command::Start { target: None, replicas: None })),
+            ("on", cmd(Command::Start { target: None, replicas: None })),
+            ("  START  ", cmd(Command::Start { target: None, replicas: None })),
+            ("Start 3", cmd(Command::Start { target: None, replicas: Some(3) })),
+            ("start web", cmd(Command::Start { target: Some("web".into()), replicas: None })),
+            ("start web 2", cmd(Command::Start { target: Some("web".into()), replicas: Some(2) })),
             ("stop", cmd(Command::Stop { target: None })),
             ("OFF", cmd(Command::Stop { target: None })),
-            (
-                "off\tdb",
-                cmd(Command::Stop {
-                    target: Some("db".into()),
-                }),
-            ),
+            ("off\tdb", cmd(Command::Stop { target: Some("db".into()) })),
             ("status", cmd(Command::Status { target: None })),
-            (
-                "status web",
-                cmd(Command::Status {
-                    target: Some("web".into()),
-                }),
-            ),
+            ("status web", cmd(Command::Status { target: Some("web".into()) })),
             ("list", cmd(Command::List)),
+            ("approve @bob:example.org", cmd(Command::Approve { user: "@bob:example.org".into() })),
+            ("approve bob", Parsed::Invalid("usage: approve @user:server".into())),
             ("help", cmd(Command::Help)),
             ("", cmd(Command::Help)),
             ("hello there", Parsed::NotACommand),
-            (
-                "start 0",
-                Parsed::Invalid("replicas must be at least 1; use `stop` to scale to 0".into()),
-            ),
-            (
-                "start web lots",
-                Parsed::Invalid("replicas must be a whole number, e.g. `start web 2`".into()),
-            ),
-            (
-                "start a b c",
-                Parsed::Invalid("usage: start [target] [replicas]".into()),
-            ),
-            (
-                "list all",
-                Parsed::Invalid("`list` takes no arguments".into()),
-            ),
+            ("start 0", Parsed::Invalid("replicas must be at least 1; use `stop` to scale to 0".into())),
+            ("start web lots", Parsed::Invalid("replicas must be a whole number, e.g. `start web 2`".into())),
+            ("start a b c", Parsed::Invalid("usage: start [target] [replicas]".into())),
+            ("list all", Parsed::Invalid("`list` takes no arguments".into())),
         ];
         for (text, expected) in table {
             assert_eq!(&dm(text), expected, "{text:?}");
@@ -464,12 +366,7 @@ mod tests {
 
     #[test]
     fn chatter_in_a_group_room_is_not_a_command() {
-        for text in [
-            "stop the music please",
-            "let's start",
-            "good morning",
-            "start a b c",
-        ] {
+        for text in ["stop the music please", "let's start", "good morning", "start a b c"] {
             assert_eq!(group(text), Parsed::NotACommand, "{text:?}");
         }
     }
@@ -485,17 +382,8 @@ mod tests {
     #[test]
     fn zero_width_and_bidi_characters_are_ignored() {
         assert_eq!(dm("st\u{200B}op"), cmd(Command::Stop { target: None }));
-        assert_eq!(
-            dm("\u{202E}status\u{202C}"),
-            cmd(Command::Status { target: None })
-        );
-        assert_eq!(
-            dm("\u{FEFF}on"),
-            cmd(Command::Start {
-                target: None,
-                replicas: None
-            })
-        );
+        assert_eq!(dm("\u{202E}status\u{202C}"), cmd(Command::Status { target: None }));
+        assert_eq!(dm("\u{FEFF}on"), cmd(Command::Start { target: None, replicas: None }));
     }
 
     #[test]
@@ -505,38 +393,18 @@ mod tests {
 
     #[test]
     fn each_command_declares_its_permission() {
-        assert_eq!(
-            Command::Start {
-                target: None,
-                replicas: None
-            }
-            .permission(),
-            Permission::Operate
-        );
-        assert_eq!(
-            Command::Stop { target: None }.permission(),
-            Permission::Operate
-        );
-        assert_eq!(
-            Command::Status { target: None }.permission(),
-            Permission::Query
-        );
+        assert_eq!(Command::Start { target: None, replicas: None }.permission(), Permission::Operate);
+        assert_eq!(Command::Stop { target: None }.permission(), Permission::Operate);
+        assert_eq!(Command::Status { target: None }.permission(), Permission::Query);
         assert_eq!(Command::List.permission(), Permission::Query);
+        assert_eq!(Command::Approve { user: "@b:x".into() }.permission(), Permission::Operate);
         assert_eq!(Command::Help.permission(), Permission::Query);
     }
 
     #[test]
     fn help_lists_every_command_and_alias() {
         let text = help_text(&["web".into(), "db".into()]);
-        for word in [
-            "start | on",
-            "stop | off",
-            "status",
-            "list",
-            "help",
-            "Targets: web, db",
-            "!toggle",
-        ] {
+        for word in ["start | on", "stop | off", "status", "list", "help", "Targets: web, db", "!toggle"] {
             assert!(text.contains(word), "{word} missing from {text}");
         }
     }

@@ -145,6 +145,8 @@ pub struct Config {
     pub command_max_age: Duration,
     /// How long to watch a workload after start/stop before reporting.
     pub rollout_timeout: Duration,
+    /// How long an encrypted command waits for its room key before the sender is told.
+    pub decryption_wait: Duration,
     /// What to tell users who are not allowed.
     pub refusal: RefusalMode,
     /// Which devices may command in encrypted rooms.
@@ -172,6 +174,7 @@ impl fmt::Debug for Config {
             .field("echo_mode", &self.echo_mode)
             .field("command_max_age", &self.command_max_age)
             .field("rollout_timeout", &self.rollout_timeout)
+            .field("decryption_wait", &self.decryption_wait)
             .field("refusal", &self.refusal)
             .field("trust_policy", &self.trust_policy)
             .field("crypto_store_passphrase", &self.crypto_store_passphrase)
@@ -210,6 +213,7 @@ struct RawConfig {
     display_name: Option<String>,
     command_max_age_secs: Option<u64>,
     rollout_timeout_secs: Option<u64>,
+    decryption_wait_secs: Option<u64>,
     unauthorized_reply: Option<RefusalMode>,
     trust_policy: Option<TrustPolicy>,
     crypto_store_passphrase_file: Option<PathBuf>,
@@ -221,34 +225,22 @@ struct RawConfig {
 pub const DEFAULT_MAX_REPLICAS: i32 = 10;
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        setting,
-        message: message.into(),
-    }
+    ConfigError::Invalid { setting, message: message.into() }
 }
 
 fn parse_bool(setting: &'static str, v: &str) -> Result<bool, ConfigError> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" | "" => Ok(false),
-        other => Err(invalid(
-            setting,
-            format!("{other:?} is not a boolean; use true or false"),
-        )),
+        other => Err(invalid(setting, format!("{other:?} is not a boolean; use true or false"))),
     }
 }
 
 fn parse_secs(setting: &'static str, v: &str) -> Result<u64, ConfigError> {
-    v.trim()
-        .parse()
-        .map_err(|_| invalid(setting, format!("{v:?} is not a whole number of seconds")))
+    v.trim().parse().map_err(|_| invalid(setting, format!("{v:?} is not a whole number of seconds")))
 }
 
-fn parse_enum<T: for<'de> Deserialize<'de>>(
-    setting: &'static str,
-    v: &str,
-    choices: &str,
-) -> Result<T, ConfigError> {
+fn parse_enum<T: for<'de> Deserialize<'de>>(setting: &'static str, v: &str, choices: &str) -> Result<T, ConfigError> {
     serde_yaml::from_str(&v.trim().to_ascii_lowercase())
         .map_err(|_| invalid(setting, format!("{v:?} is not one of {choices}")))
 }
@@ -261,18 +253,9 @@ impl Config {
     }
 
     /// Loads the configuration from `env` (variable → value) and an optional file.
-    pub fn load(
-        config_path: Option<&Path>,
-        env: &BTreeMap<String, String>,
-    ) -> Result<Self, ConfigError> {
-        let get = |k: &str| {
-            env.get(k)
-                .map(String::as_str)
-                .filter(|v| !v.trim().is_empty())
-        };
-        let path = config_path
-            .map(Path::to_path_buf)
-            .or_else(|| get("CONFIG_PATH").map(PathBuf::from));
+    pub fn load(config_path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| env.get(k).map(String::as_str).filter(|v| !v.trim().is_empty());
+        let path = config_path.map(Path::to_path_buf).or_else(|| get("CONFIG_PATH").map(PathBuf::from));
         let raw = match &path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
@@ -280,10 +263,7 @@ impl Config {
                     message: format!("{e}; fix CONFIG_PATH / --config or create the file"),
                 })?;
                 serde_yaml::from_str::<Option<RawConfig>>(&text)
-                    .map_err(|e| ConfigError::File {
-                        path: p.display().to_string(),
-                        message: e.to_string(),
-                    })?
+                    .map_err(|e| ConfigError::File { path: p.display().to_string(), message: e.to_string() })?
                     .unwrap_or_default()
             }
             None => RawConfig::default(),
@@ -299,29 +279,29 @@ impl Config {
             .ok_or_else(|| invalid("MATRIX_HOMESERVER", format!("{homeserver_s:?} is not an http(s) URL; set it to the client-server API base, e.g. http://synapse:8008")))?;
 
         let server_name_s = get("MATRIX_SERVER_NAME").map(str::to_owned).or(raw.server_name).ok_or_else(|| {
-            invalid("MATRIX_SERVER_NAME", "not set; set it to your homeserver's server name (the part after ':' in user ids, e.g. example.org)")
+            invalid(
+                "MATRIX_SERVER_NAME",
+                "not set; set it to your homeserver's server name (the part after ':' in user ids, e.g. example.org)",
+            )
         })?;
         let server_name = crate::registration::parse_server_name(server_name_s.trim())
             .map_err(|m| invalid("MATRIX_SERVER_NAME", m))?;
 
-        let registration_path = get("REGISTRATION_PATH").map(PathBuf::from).or(raw.registration_path).ok_or_else(|| {
-            invalid("REGISTRATION_PATH", "not set; point it at the registration yaml made by `matrix-k8s-toggle generate-registration`")
-        })?;
-        let registration = Registration::load(&registration_path)?;
-        let bot_user_id = registration
-            .bot_user_id(&server_name)
-            .map_err(|m| invalid("REGISTRATION_PATH", m))?;
-
-        let listen_address = match get("LISTEN_ADDRESS")
-            .map(str::to_owned)
-            .or(raw.listen_address)
-        {
-            Some(s) => s.trim().parse().map_err(|_| {
+        let registration_path =
+            get("REGISTRATION_PATH").map(PathBuf::from).or(raw.registration_path).ok_or_else(|| {
                 invalid(
-                    "LISTEN_ADDRESS",
-                    format!("{s:?} is not an address like 0.0.0.0:9000"),
+                    "REGISTRATION_PATH",
+                    "not set; point it at the registration yaml made by `matrix-k8s-toggle generate-registration`",
                 )
-            })?,
+            })?;
+        let registration = Registration::load(&registration_path)?;
+        let bot_user_id = registration.bot_user_id(&server_name).map_err(|m| invalid("REGISTRATION_PATH", m))?;
+
+        let listen_address = match get("LISTEN_ADDRESS").map(str::to_owned).or(raw.listen_address) {
+            Some(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| invalid("LISTEN_ADDRESS", format!("{s:?} is not an address like 0.0.0.0:9000")))?,
             None => SocketAddr::from(([0, 0, 0, 0], registration.url_port())),
         };
 
@@ -356,34 +336,23 @@ impl Config {
                 for t in list {
                     let name = t.name.trim().to_ascii_lowercase();
                     if name.is_empty() || name.contains(char::is_whitespace) {
-                        return Err(invalid(
-                            "targets",
-                            format!("target name {:?} must be one word", t.name),
-                        ));
+                        return Err(invalid("targets", format!("target name {:?} must be one word", t.name)));
                     }
                     if !seen.insert(name.clone()) {
-                        return Err(invalid(
-                            "targets",
-                            format!("target name {name:?} is used twice"),
-                        ));
+                        return Err(invalid("targets", format!("target name {name:?} is used twice")));
                     }
                     let allowed = match t.allowed_users {
                         Some(v) => Some(AllowList(
                             v.iter()
                                 .map(|s| s.parse())
                                 .collect::<Result<_, _>>()
-                                .map_err(|m: String| {
-                                    invalid("targets", format!("{name}: allowed_users: {m}"))
-                                })?,
+                                .map_err(|m: String| invalid("targets", format!("{name}: allowed_users: {m}")))?,
                         )),
                         None => None,
                     };
                     let max_replicas = t.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS);
                     if max_replicas < 1 {
-                        return Err(invalid(
-                            "targets",
-                            format!("{name}: max_replicas must be at least 1"),
-                        ));
+                        return Err(invalid("targets", format!("{name}: max_replicas must be at least 1")));
                     }
                     out.push(Target {
                         workload: t.workload.unwrap_or_else(|| name.clone()),
@@ -395,10 +364,7 @@ impl Config {
                     });
                 }
                 if out.is_empty() {
-                    return Err(invalid(
-                        "targets",
-                        "the list is empty; name at least one workload or remove the key",
-                    ));
+                    return Err(invalid("targets", "the list is empty; name at least one workload or remove the key"));
                 }
                 out
             }
@@ -438,6 +404,10 @@ impl Config {
             Some(v) => parse_secs("ROLLOUT_TIMEOUT_SECS", v)?,
             None => raw.rollout_timeout_secs.unwrap_or(120),
         });
+        let decryption_wait = Duration::from_secs(match get("DECRYPTION_WAIT_SECS") {
+            Some(v) => parse_secs("DECRYPTION_WAIT_SECS", v)?,
+            None => raw.decryption_wait_secs.unwrap_or(30),
+        });
         let refusal = match get("UNAUTHORIZED_REPLY") {
             Some(v) => parse_enum("UNAUTHORIZED_REPLY", v, "silent, hourly")?,
             None => raw.unauthorized_reply.unwrap_or_default(),
@@ -446,33 +416,23 @@ impl Config {
             Some(v) => parse_enum("TRUST_POLICY", v, "tofu, cross-signed")?,
             None => raw.trust_policy.unwrap_or_default(),
         };
-        let passphrase_file = get("CRYPTO_STORE_PASSPHRASE_FILE")
-            .map(PathBuf::from)
-            .or(raw.crypto_store_passphrase_file);
+        let passphrase_file =
+            get("CRYPTO_STORE_PASSPHRASE_FILE").map(PathBuf::from).or(raw.crypto_store_passphrase_file);
         let crypto_store_passphrase = match (get("CRYPTO_STORE_PASSPHRASE"), passphrase_file) {
             (Some(p), _) => Some(Secret::new(p.to_owned())),
             (None, Some(f)) => {
                 let text = std::fs::read_to_string(&f).map_err(|e| {
-                    invalid(
-                        "CRYPTO_STORE_PASSPHRASE_FILE",
-                        format!("cannot read {}: {e}", f.display()),
-                    )
+                    invalid("CRYPTO_STORE_PASSPHRASE_FILE", format!("cannot read {}: {e}", f.display()))
                 })?;
                 let p = text.trim_end_matches(['\n', '\r']).to_owned();
                 if p.is_empty() {
-                    return Err(invalid(
-                        "CRYPTO_STORE_PASSPHRASE_FILE",
-                        format!("{} is empty", f.display()),
-                    ));
+                    return Err(invalid("CRYPTO_STORE_PASSPHRASE_FILE", format!("{} is empty", f.display())));
                 }
                 Some(Secret::new(p))
             }
             (None, None) => None,
         };
-        let log_filter = get("RUST_LOG")
-            .map(str::to_owned)
-            .or(raw.log_level)
-            .unwrap_or_else(|| "info".into());
+        let log_filter = get("RUST_LOG").map(str::to_owned).or(raw.log_level).unwrap_or_else(|| "info".into());
         let log_format = match get("LOG_FORMAT") {
             Some(v) => parse_enum("LOG_FORMAT", v, "text, json")?,
             None => raw.log_format.unwrap_or_default(),
@@ -492,6 +452,7 @@ impl Config {
             display_name,
             command_max_age,
             rollout_timeout,
+            decryption_wait,
             refusal,
             trust_policy,
             crypto_store_passphrase,
@@ -571,47 +532,28 @@ mod tests {
 
     #[test]
     fn a_missing_server_name_is_named_with_the_fix() {
-        let err = Fixture::new()
-            .without("MATRIX_SERVER_NAME")
-            .load()
-            .unwrap_err()
-            .to_string();
+        let err = Fixture::new().without("MATRIX_SERVER_NAME").load().unwrap_err().to_string();
         assert!(err.starts_with("MATRIX_SERVER_NAME:"), "{err}");
         assert!(err.contains("set it"), "{err}");
     }
 
     #[test]
     fn a_missing_registration_file_is_named() {
-        let err = Fixture::new()
-            .with("REGISTRATION_PATH", "/nonexistent/reg.yaml")
-            .load()
-            .unwrap_err()
-            .to_string();
+        let err = Fixture::new().with("REGISTRATION_PATH", "/nonexistent/reg.yaml").load().unwrap_err().to_string();
         assert!(err.starts_with("REGISTRATION_PATH:"), "{err}");
     }
 
     #[test]
     fn empty_allowed_users_are_refused() {
-        let err = Fixture::new()
-            .with("ALLOWED_USERS", " , ")
-            .load()
-            .unwrap_err()
-            .to_string();
+        let err = Fixture::new().with("ALLOWED_USERS", " , ").load().unwrap_err().to_string();
         assert!(err.starts_with("ALLOWED_USERS:"), "{err}");
     }
 
     #[test]
     fn crypto_store_path_is_accepted_as_state_dir() {
-        let c = Fixture::new()
-            .with("CRYPTO_STORE_PATH", "/var/lib/toggle")
-            .load()
-            .unwrap();
+        let c = Fixture::new().with("CRYPTO_STORE_PATH", "/var/lib/toggle").load().unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/toggle"));
-        let c = Fixture::new()
-            .with("CRYPTO_STORE_PATH", "/a")
-            .with("STATE_DIR", "/b")
-            .load()
-            .unwrap();
+        let c = Fixture::new().with("CRYPTO_STORE_PATH", "/a").with("STATE_DIR", "/b").load().unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/b"));
     }
 
@@ -651,11 +593,7 @@ mod tests {
 
     #[test]
     fn a_bad_boolean_names_the_setting() {
-        let err = Fixture::new()
-            .with("ECHO_MODE", "maybe")
-            .load()
-            .unwrap_err()
-            .to_string();
+        let err = Fixture::new().with("ECHO_MODE", "maybe").load().unwrap_err().to_string();
         assert!(err.starts_with("ECHO_MODE:"), "{err}");
     }
 
@@ -671,19 +609,8 @@ mod tests {
 
     #[test]
     fn log_format_accepts_json_and_refuses_others() {
-        assert_eq!(
-            Fixture::new()
-                .with("LOG_FORMAT", "JSON")
-                .load()
-                .unwrap()
-                .log_format,
-            LogFormat::Json
-        );
-        let err = Fixture::new()
-            .with("LOG_FORMAT", "xml")
-            .load()
-            .unwrap_err()
-            .to_string();
+        assert_eq!(Fixture::new().with("LOG_FORMAT", "JSON").load().unwrap().log_format, LogFormat::Json);
+        let err = Fixture::new().with("LOG_FORMAT", "xml").load().unwrap_err().to_string();
         assert!(err.starts_with("LOG_FORMAT:"), "{err}");
     }
 }

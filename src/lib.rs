@@ -8,6 +8,7 @@ pub mod bridge;
 pub mod check;
 pub mod commands;
 pub mod config;
+pub mod crypto;
 pub mod matrix;
 pub mod metrics;
 pub mod policy;

@@ -12,10 +12,7 @@ use matrix_k8s_toggle::{
 };
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Switch Kubernetes workloads on and off from Matrix chat (an appservice)"
-)]
+#[command(version, about = "Switch Kubernetes workloads on and off from Matrix chat (an appservice)")]
 struct Cli {
     /// Optional YAML configuration file (environment variables win over it).
     #[arg(long, env = "CONFIG_PATH", global = true)]
@@ -55,20 +52,13 @@ fn main() -> anyhow::Result<()> {
     // NB: with more than one rustls backend linked in, none is chosen by default.
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::GenerateRegistration {
-            url,
-            server_name,
-            id,
-            sender_localpart,
-            output,
-        } => {
+        Command::GenerateRegistration { url, server_name, id, sender_localpart, output } => {
             let server_name = parse_server_name(&server_name).map_err(anyhow::Error::msg)?;
             let registration = Registration::generate(&id, &url, &server_name, &sender_localpart)?;
             let yaml = registration.to_yaml();
             match output {
                 Some(path) => {
-                    write_private(&path, &yaml)
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    write_private(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
                     eprintln!(
                         "wrote {}; give it to the homeserver (app_service_config_files) and to the bridge (REGISTRATION_PATH)",
                         path.display()
@@ -79,8 +69,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => {
-            let config =
-                Config::from_env(cli.config.as_deref()).context("invalid configuration")?;
+            let config = Config::from_env(cli.config.as_deref()).context("invalid configuration")?;
             telemetry::init(&config.log_filter, config.log_format);
             runtime()?.block_on(service::run(config, service::shutdown_signal()))?;
             Ok(())
@@ -100,10 +89,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
 /// Writes `text` to `path`, readable by the owner only (it holds tokens).

@@ -5,8 +5,8 @@ use std::{borrow::Cow, sync::RwLock, time::Duration};
 use ruma::{
     OwnedDeviceId, OwnedUserId,
     api::{
-        AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest,
-        OutgoingRequestAppserviceExt, SupportedVersions,
+        AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest, OutgoingRequestAppserviceExt,
+        SupportedVersions,
         auth_scheme::{AuthScheme, SendAccessToken},
         error::FromHttpResponseError,
         path_builder::{PathBuilder, SinglePath, VersionHistory},
@@ -93,10 +93,7 @@ pub struct MatrixClient {
 
 impl std::fmt::Debug for MatrixClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MatrixClient")
-            .field("base", &self.base)
-            .field("bot", &self.bot)
-            .finish_non_exhaustive()
+        f.debug_struct("MatrixClient").field("base", &self.base).field("bot", &self.bot).finish_non_exhaustive()
     }
 }
 
@@ -110,14 +107,9 @@ impl MatrixClient {
             .build()
             .expect("the HTTP client builds with static settings");
         let versions = SupportedVersions {
-            versions: [
-                MatrixVersion::V1_1,
-                MatrixVersion::V1_7,
-                MatrixVersion::V1_11,
-                MatrixVersion::V1_12,
-            ]
-            .into_iter()
-            .collect(),
+            versions: [MatrixVersion::V1_1, MatrixVersion::V1_7, MatrixVersion::V1_11, MatrixVersion::V1_12]
+                .into_iter()
+                .collect(),
             features: Default::default(),
         };
         Self {
@@ -147,10 +139,7 @@ impl MatrixClient {
 
     /// The device calls masquerade as.
     pub fn device_id(&self) -> Option<OwnedDeviceId> {
-        self.device_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.device_id.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Sends `request` as the bot (and its device, once set).
@@ -167,17 +156,13 @@ impl MatrixClient {
     }
 
     /// Sends `request` as the bot without naming a device.
-    pub async fn send_without_device<R>(
-        &self,
-        request: R,
-    ) -> Result<R::IncomingResponse, MatrixError>
+    pub async fn send_without_device<R>(&self, request: R) -> Result<R::IncomingResponse, MatrixError>
     where
         R: OutgoingRequest,
         R::PathBuilder: PathInput,
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
     {
-        self.send_with_identity(request, AppserviceUserIdentity::new(&self.bot))
-            .await
+        self.send_with_identity(request, AppserviceUserIdentity::new(&self.bot)).await
     }
 
     async fn send_with_identity<R>(
@@ -208,19 +193,11 @@ impl MatrixClient {
             .body(body)
             .send()
             .await
-            .map_err(|source| MatrixError::Unreachable {
-                url: self.base.clone(),
-                source,
-            })?;
+            .map_err(|source| MatrixError::Unreachable { url: self.base.clone(), source })?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| MatrixError::Unreachable {
-                url: self.base.clone(),
-                source,
-            })?;
+        let bytes =
+            response.bytes().await.map_err(|source| MatrixError::Unreachable { url: self.base.clone(), source })?;
         if !status.is_success() {
             return Err(api_error(status.as_u16(), &bytes));
         }
@@ -228,9 +205,7 @@ impl MatrixClient {
         if let Some(h) = builder.headers_mut() {
             *h = headers;
         }
-        let http_response = builder
-            .body(bytes.to_vec())
-            .map_err(|e| MatrixError::Response(e.to_string()))?;
+        let http_response = builder.body(bytes.to_vec()).map_err(|e| MatrixError::Response(e.to_string()))?;
         R::IncomingResponse::try_from_http_response(http_response).map_err(|e| match e {
             FromHttpResponseError::Server(_) => api_error(status.as_u16(), &bytes),
             other => MatrixError::Response(other.to_string()),
@@ -246,18 +221,8 @@ fn api_error(status: u16, body: &[u8]) -> MatrixError {
     }
     let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
     let (errcode, message) = match parsed {
-        Some(b) => (
-            b.errcode.unwrap_or_else(|| "M_UNKNOWN".into()),
-            b.error.unwrap_or_default(),
-        ),
-        None => (
-            "M_UNKNOWN".into(),
-            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-        ),
+        Some(b) => (b.errcode.unwrap_or_else(|| "M_UNKNOWN".into()), b.error.unwrap_or_default()),
+        None => ("M_UNKNOWN".into(), String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()),
     };
-    MatrixError::Api {
-        status,
-        errcode,
-        message,
-    }
+    MatrixError::Api { status, errcode, message }
 }

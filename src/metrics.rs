@@ -49,10 +49,7 @@ pub struct Metrics {
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [
-        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ]
-    .into_iter()
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter()
 }
 
 impl Default for Metrics {
@@ -73,24 +70,12 @@ impl Metrics {
         let transaction_seconds = Histogram::new(latency_buckets());
         let transaction_to_patch_seconds = Histogram::new(latency_buckets());
         let transaction_to_reply_seconds = Histogram::new(latency_buckets());
-        registry.register(
-            "transactions",
-            "Transactions pushed by the homeserver",
-            transactions.clone(),
-        );
+        registry.register("transactions", "Transactions pushed by the homeserver", transactions.clone());
         registry.register("events", "Events received, by type", events.clone());
         registry.register("errors", "Errors, by kind", errors.clone());
         registry.register("commands", "Commands handled, by command", commands.clone());
-        registry.register(
-            "crypto",
-            "End-to-end encryption events, by kind",
-            crypto.clone(),
-        );
-        registry.register(
-            "transaction_handling_seconds",
-            "Time to answer a transaction",
-            transaction_seconds.clone(),
-        );
+        registry.register("crypto", "End-to-end encryption events, by kind", crypto.clone());
+        registry.register("transaction_handling_seconds", "Time to answer a transaction", transaction_seconds.clone());
         registry.register(
             "transaction_to_patch_seconds",
             "Time from a command's transaction arriving to its scale request",
@@ -116,20 +101,12 @@ impl Metrics {
 
     /// Counts an error of `kind`.
     pub fn error(&self, kind: &str) {
-        self.errors
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
-            .inc();
+        self.errors.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
     }
 
     /// Counts a crypto event of `kind`.
     pub fn crypto(&self, kind: &str) {
-        self.crypto
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
-            .inc();
+        self.crypto.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
     }
 
     /// The metrics in Prometheus text format.
@@ -147,21 +124,11 @@ mod tests {
     #[test]
     fn counted_events_appear_in_the_text_output() {
         let m = Metrics::new();
-        m.events
-            .get_or_create(&TypeLabel {
-                r#type: "m.room.message".into(),
-            })
-            .inc();
+        m.events.get_or_create(&TypeLabel { r#type: "m.room.message".into() }).inc();
         m.error("homeserver");
         let text = m.render();
-        assert!(
-            text.contains("matrix_k8s_toggle_events_total{type=\"m.room.message\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("matrix_k8s_toggle_errors_total{kind=\"homeserver\"} 1"),
-            "{text}"
-        );
+        assert!(text.contains("matrix_k8s_toggle_events_total{type=\"m.room.message\"} 1"), "{text}");
+        assert!(text.contains("matrix_k8s_toggle_errors_total{kind=\"homeserver\"} 1"), "{text}");
         assert!(text.contains("# EOF"));
     }
 }

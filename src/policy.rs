@@ -34,9 +34,9 @@ impl FromStr for UserPattern {
                 .map(UserPattern::Domain)
                 .map_err(|e| format!("{s:?}: {domain:?} is not a valid server name ({e})"));
         }
-        UserId::parse(s).map(UserPattern::User).map_err(|e| {
-            format!("{s:?} is not a full user id like @alice:example.org or @*:example.org ({e})")
-        })
+        UserId::parse(s)
+            .map(UserPattern::User)
+            .map_err(|e| format!("{s:?} is not a full user id like @alice:example.org or @*:example.org ({e})"))
     }
 }
 

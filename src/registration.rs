@@ -114,12 +114,11 @@ impl Registration {
         server_name: &ruma::ServerName,
         sender_localpart: &str,
     ) -> Result<Self, RegistrationError> {
-        let bot = UserId::parse(format!("@{sender_localpart}:{server_name}")).map_err(|e| {
-            RegistrationError::Invalid {
+        let bot =
+            UserId::parse(format!("@{sender_localpart}:{server_name}")).map_err(|e| RegistrationError::Invalid {
                 path: "-".into(),
                 message: format!("@{sender_localpart}:{server_name} is not a valid user id: {e}"),
-            }
-        })?;
+            })?;
         Ok(Self {
             id: id.to_owned(),
             url: url.as_str().trim_end_matches('/').to_owned(),
@@ -131,10 +130,7 @@ impl Registration {
             msc3202: true,
             msc4190: true,
             namespaces: Namespaces {
-                users: vec![Namespace {
-                    exclusive: true,
-                    regex: format!("^{}$", regex_escape(bot.as_str())),
-                }],
+                users: vec![Namespace { exclusive: true, regex: format!("^{}$", regex_escape(bot.as_str())) }],
                 aliases: vec![],
                 rooms: vec![],
             },
@@ -144,20 +140,11 @@ impl Registration {
     /// Reads and validates a registration file.
     pub fn load(path: &Path) -> Result<Self, RegistrationError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| RegistrationError::Io {
-            path: display.clone(),
-            source,
-        })?;
-        let reg: Registration =
-            serde_yaml::from_str(&text).map_err(|e| RegistrationError::Invalid {
-                path: display.clone(),
-                message: e.to_string(),
-            })?;
-        reg.validate()
-            .map_err(|message| RegistrationError::Invalid {
-                path: display,
-                message,
-            })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| RegistrationError::Io { path: display.clone(), source })?;
+        let reg: Registration = serde_yaml::from_str(&text)
+            .map_err(|e| RegistrationError::Invalid { path: display.clone(), message: e.to_string() })?;
+        reg.validate().map_err(|message| RegistrationError::Invalid { path: display, message })?;
         Ok(reg)
     }
 
@@ -182,8 +169,7 @@ impl Registration {
         if self.as_token.expose() == self.hs_token.expose() {
             return Err("`as_token` and `hs_token` must differ".into());
         }
-        let url =
-            Url::parse(&self.url).map_err(|e| format!("`url` {:?} is not a URL: {e}", self.url))?;
+        let url = Url::parse(&self.url).map_err(|e| format!("`url` {:?} is not a URL: {e}", self.url))?;
         if url.port_or_known_default().is_none() {
             return Err(format!("`url` {:?} has no port", self.url));
         }
@@ -195,20 +181,13 @@ impl Registration {
 
     /// The port of the registration URL: where Synapse expects us to listen.
     pub fn url_port(&self) -> u16 {
-        Url::parse(&self.url)
-            .ok()
-            .and_then(|u| u.port_or_known_default())
-            .unwrap_or(9000)
+        Url::parse(&self.url).ok().and_then(|u| u.port_or_known_default()).unwrap_or(9000)
     }
 
     /// The bot's user id on `server_name`.
     pub fn bot_user_id(&self, server_name: &ruma::ServerName) -> Result<OwnedUserId, String> {
-        UserId::parse(format!("@{}:{server_name}", self.sender_localpart)).map_err(|e| {
-            format!(
-                "`sender_localpart` {:?} gives no valid user id: {e}",
-                self.sender_localpart
-            )
-        })
+        UserId::parse(format!("@{}:{server_name}", self.sender_localpart))
+            .map_err(|e| format!("`sender_localpart` {:?} gives no valid user id: {e}", self.sender_localpart))
     }
 }
 
@@ -256,14 +235,8 @@ mod tests {
     fn generated_registration_claims_only_the_bot_exclusively() {
         let yaml = generated().to_yaml();
         let v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
-        assert_eq!(
-            v["namespaces"]["users"][0]["regex"].as_str(),
-            Some(r"^@toggle:example\.org$")
-        );
-        assert_eq!(
-            v["namespaces"]["users"][0]["exclusive"].as_bool(),
-            Some(true)
-        );
+        assert_eq!(v["namespaces"]["users"][0]["regex"].as_str(), Some(r"^@toggle:example\.org$"));
+        assert_eq!(v["namespaces"]["users"][0]["exclusive"].as_bool(), Some(true));
         assert_eq!(v["namespaces"]["users"].as_sequence().unwrap().len(), 1);
         assert_eq!(v["org.matrix.msc3202"].as_bool(), Some(true));
         assert_eq!(v["io.element.msc4190"].as_bool(), Some(true));

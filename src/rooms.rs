@@ -25,10 +25,7 @@ pub struct RoomInfo {
 impl RoomInfo {
     /// Users whose membership is `join`.
     pub fn joined(&self) -> impl Iterator<Item = &OwnedUserId> {
-        self.members
-            .iter()
-            .filter(|(_, m)| **m == MembershipState::Join)
-            .map(|(u, _)| u)
+        self.members.iter().filter(|(_, m)| **m == MembershipState::Join).map(|(u, _)| u)
     }
 
     /// Users who should receive room keys: joined, plus invited unless history is `joined`-only.
@@ -36,9 +33,7 @@ impl RoomInfo {
         let invited_too = self.history_visibility.as_deref() != Some("joined");
         self.members
             .iter()
-            .filter(|(_, m)| {
-                **m == MembershipState::Join || (invited_too && **m == MembershipState::Invite)
-            })
+            .filter(|(_, m)| **m == MembershipState::Join || (invited_too && **m == MembershipState::Invite))
             .map(|(u, _)| u.clone())
             .collect()
     }
@@ -58,11 +53,7 @@ impl Rooms {
 
     /// A copy of what we know of `room`.
     pub fn get(&self, room: &RoomId) -> Option<RoomInfo> {
-        self.rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(room)
-            .cloned()
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner()).get(room).cloned()
     }
 
     /// Whether the room's members were loaded from the homeserver.
@@ -99,10 +90,7 @@ impl Rooms {
 
     /// Forgets a room (after the bot left it).
     pub fn forget(&self, room: &RoomId) {
-        self.rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(room);
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner()).remove(room);
     }
 }
 
@@ -121,10 +109,7 @@ mod tests {
         rooms.set_membership(room, user_id!("@c:x"), MembershipState::Leave);
         assert_eq!(rooms.get(room).unwrap().key_recipients().len(), 2);
         rooms.set_history_visibility(room, "joined");
-        assert_eq!(
-            rooms.get(room).unwrap().key_recipients(),
-            [user_id!("@a:x").to_owned()]
-        );
+        assert_eq!(rooms.get(room).unwrap().key_recipients(), [user_id!("@a:x").to_owned()]);
     }
 
     #[test]

@@ -45,9 +45,7 @@ pub enum ScaleError {
         name: String,
     },
     /// The workload does not exist.
-    #[error(
-        "{kind} {namespace}/{name} does not exist: check the target's namespace and workload name"
-    )]
+    #[error("{kind} {namespace}/{name} does not exist: check the target's namespace and workload name")]
     NotFound {
         /// The workload kind.
         kind: WorkloadKind,
@@ -57,9 +55,7 @@ pub enum ScaleError {
         name: String,
     },
     /// The API server refused our credentials.
-    #[error(
-        "the Kubernetes API refused the bridge's credentials (401): check its ServiceAccount token or kubeconfig"
-    )]
+    #[error("the Kubernetes API refused the bridge's credentials (401): check its ServiceAccount token or kubeconfig")]
     Unauthorized,
     /// The request was invalid.
     #[error("Kubernetes refused the change: {0}")]
@@ -71,9 +67,7 @@ pub enum ScaleError {
     #[error("Kubernetes error: {0}")]
     Other(String),
     /// No client could be configured.
-    #[error(
-        "no Kubernetes configuration: {0}; run in a pod with a ServiceAccount or set KUBECONFIG"
-    )]
+    #[error("no Kubernetes configuration: {0}; run in a pod with a ServiceAccount or set KUBECONFIG")]
     Config(String),
 }
 
@@ -151,10 +145,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            attempts: 6,
-            first_delay: Duration::from_millis(250),
-        }
+        RetryPolicy { attempts: 6, first_delay: Duration::from_millis(250) }
     }
 }
 
@@ -202,19 +193,11 @@ impl Scaler {
 
     /// A scaler from the kubeconfig or in-cluster configuration, as kube infers it.
     pub async fn infer(retry: RetryPolicy) -> Result<Self, ScaleError> {
-        let client = Client::try_default()
-            .await
-            .map_err(|e| ScaleError::Config(e.to_string()))?;
+        let client = Client::try_default().await.map_err(|e| ScaleError::Config(e.to_string()))?;
         Ok(Self::new(client, retry))
     }
 
-    async fn retrying<T, F, Fut>(
-        &self,
-        target: &Target,
-        verb: &'static str,
-        sub: &str,
-        f: F,
-    ) -> Result<T, ScaleError>
+    async fn retrying<T, F, Fut>(&self, target: &Target, verb: &'static str, sub: &str, f: F) -> Result<T, ScaleError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
@@ -243,13 +226,11 @@ impl Scaler {
         let scale = match t.kind {
             WorkloadKind::Deployment => {
                 let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload))
-                    .await?
+                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload)).await?
             }
             WorkloadKind::StatefulSet => {
                 let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload))
-                    .await?
+                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload)).await?
             }
         };
         // NB: the API omits spec.replicas when it is 0.
@@ -257,69 +238,47 @@ impl Scaler {
     }
 
     async fn patch_scale(&self, t: &Target, replicas: i32) -> Result<(), ScaleError> {
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         let patch = Patch::Merge(json!({ "spec": { "replicas": replicas } }));
         match t.kind {
             WorkloadKind::Deployment => {
                 let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "/scale", || {
-                    api.patch_scale(&t.workload, &params, &patch)
-                })
-                .await?;
+                self.retrying(t, "patch", "/scale", || api.patch_scale(&t.workload, &params, &patch)).await?;
             }
             WorkloadKind::StatefulSet => {
                 let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "/scale", || {
-                    api.patch_scale(&t.workload, &params, &patch)
-                })
-                .await?;
+                self.retrying(t, "patch", "/scale", || api.patch_scale(&t.workload, &params, &patch)).await?;
             }
         }
         Ok(())
     }
 
-    async fn annotations(
-        &self,
-        t: &Target,
-    ) -> Result<std::collections::BTreeMap<String, String>, ScaleError> {
+    async fn annotations(&self, t: &Target) -> Result<std::collections::BTreeMap<String, String>, ScaleError> {
         let meta = match t.kind {
             WorkloadKind::Deployment => {
                 let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "", || api.get(&t.workload))
-                    .await?
-                    .metadata
+                self.retrying(t, "get", "", || api.get(&t.workload)).await?.metadata
             }
             WorkloadKind::StatefulSet => {
                 let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "", || api.get(&t.workload))
-                    .await?
-                    .metadata
+                self.retrying(t, "get", "", || api.get(&t.workload)).await?.metadata
             }
         };
         Ok(meta.annotations.unwrap_or_default())
     }
 
     async fn remember(&self, t: &Target, replicas: i32) -> Result<(), ScaleError> {
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        let patch = Patch::Merge(
-            json!({ "metadata": { "annotations": { REMEMBERED_REPLICAS: replicas.to_string() } } }),
-        );
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        let patch =
+            Patch::Merge(json!({ "metadata": { "annotations": { REMEMBERED_REPLICAS: replicas.to_string() } } }));
         match t.kind {
             WorkloadKind::Deployment => {
                 let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch))
-                    .await?;
+                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch)).await?;
             }
             WorkloadKind::StatefulSet => {
                 let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch))
-                    .await?;
+                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch)).await?;
             }
         }
         Ok(())
@@ -345,10 +304,7 @@ impl Scaler {
             return Ok(Change::Unchanged { replicas: current });
         }
         self.patch_scale(t, wanted).await?;
-        Ok(Change::Scaled {
-            from: current,
-            to: wanted,
-        })
+        Ok(Change::Scaled { from: current, to: wanted })
     }
 
     /// Scales to zero, first remembering the current count on the workload.
@@ -359,10 +315,7 @@ impl Scaler {
         }
         self.remember(t, current).await?;
         self.patch_scale(t, 0).await?;
-        Ok(Change::Scaled {
-            from: current,
-            to: 0,
-        })
+        Ok(Change::Scaled { from: current, to: 0 })
     }
 
     /// The workload's state and counts.
@@ -427,16 +380,11 @@ impl Scaler {
 
     /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses.
     /// Returns (verb, resource, allowed) for each.
-    pub async fn access_review(
-        &self,
-        t: &Target,
-    ) -> Result<Vec<(&'static str, &'static str, bool)>, ScaleError> {
+    pub async fn access_review(&self, t: &Target) -> Result<Vec<(&'static str, &'static str, bool)>, ScaleError> {
         let api: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
         let mut out = Vec::new();
         for (verb, resource) in permissions_needed(t.kind) {
-            let (res, sub) = resource
-                .split_once('/')
-                .map_or((resource, None), |(r, s)| (r, Some(s.to_owned())));
+            let (res, sub) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s.to_owned())));
             let review = SelfSubjectAccessReview {
                 spec: SelfSubjectAccessReviewSpec {
                     resource_attributes: Some(ResourceAttributes {
@@ -453,9 +401,7 @@ impl Scaler {
                 ..Default::default()
             };
             let post = PostParams::default();
-            let answer = self
-                .retrying(t, "create", "", || api.create(&post, &review))
-                .await?;
+            let answer = self.retrying(t, "create", "", || api.create(&post, &review)).await?;
             out.push((verb, resource, answer.status.is_some_and(|s| s.allowed)));
         }
         Ok(out)
@@ -474,13 +420,7 @@ fn is_transient(e: &kube::Error) -> bool {
     }
 }
 
-fn classify(
-    e: kube::Error,
-    t: &Target,
-    verb: &'static str,
-    resource: &str,
-    attempts: u32,
-) -> ScaleError {
+fn classify(e: kube::Error, t: &Target, verb: &'static str, resource: &str, attempts: u32) -> ScaleError {
     match e {
         kube::Error::Api(status) => match status.code {
             403 => ScaleError::Forbidden {
@@ -489,20 +429,11 @@ fn classify(
                 namespace: t.namespace.clone(),
                 name: t.workload.clone(),
             },
-            404 => ScaleError::NotFound {
-                kind: t.kind,
-                namespace: t.namespace.clone(),
-                name: t.workload.clone(),
-            },
+            404 => ScaleError::NotFound { kind: t.kind, namespace: t.namespace.clone(), name: t.workload.clone() },
             401 => ScaleError::Unauthorized,
             422 | 400 => ScaleError::Invalid(status.message),
-            409 | 429 | 500..=599 => {
-                ScaleError::Unavailable(format!("{} {}", status.code, status.reason), attempts)
-            }
-            _ => ScaleError::Other(format!(
-                "{} {}: {}",
-                status.code, status.reason, status.message
-            )),
+            409 | 429 | 500..=599 => ScaleError::Unavailable(format!("{} {}", status.code, status.reason), attempts),
+            _ => ScaleError::Other(format!("{} {}: {}", status.code, status.reason, status.message)),
         },
         other if is_transient(&other) => ScaleError::Unavailable(other.to_string(), attempts),
         other => ScaleError::Other(other.to_string()),
@@ -523,43 +454,22 @@ pub fn deployment_status(d: &Deployment) -> WorkloadStatus {
     let observed = st.observed_generation.unwrap_or(0) >= generation;
     let conditions = st.conditions.unwrap_or_default();
     let progressing = conditions.iter().find(|c| c.type_ == "Progressing");
-    let deadline_exceeded =
-        progressing.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let deadline_exceeded = progressing.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
     let message = if deadline_exceeded {
         progressing.and_then(|c| c.message.clone())
     } else {
-        conditions
-            .iter()
-            .find(|c| c.type_ == "Available" && c.status == "False")
-            .and_then(|c| c.message.clone())
+        conditions.iter().find(|c| c.type_ == "Available" && c.status == "False").and_then(|c| c.message.clone())
     };
     let state = if desired == 0 {
-        if current > 0 {
-            State::Stopping
-        } else {
-            State::Off
-        }
+        if current > 0 { State::Stopping } else { State::Off }
     } else if deadline_exceeded {
         State::Degraded
-    } else if observed
-        && updated == desired
-        && available == desired
-        && ready >= desired
-        && current == desired
-    {
+    } else if observed && updated == desired && available == desired && ready >= desired && current == desired {
         State::Running
     } else {
         State::Starting
     };
-    WorkloadStatus {
-        state,
-        desired,
-        current,
-        ready,
-        available,
-        updated,
-        message,
-    }
+    WorkloadStatus { state, desired, current, ready, available, updated, message }
 }
 
 /// The state of a StatefulSet, as its controller reports it.
@@ -574,25 +484,13 @@ pub fn statefulset_status(s: &StatefulSet) -> WorkloadStatus {
     );
     let observed = st.observed_generation.unwrap_or(0) >= s.metadata.generation.unwrap_or(0);
     let state = if desired == 0 {
-        if current > 0 {
-            State::Stopping
-        } else {
-            State::Off
-        }
+        if current > 0 { State::Stopping } else { State::Off }
     } else if observed && ready == desired && current == desired {
         State::Running
     } else {
         State::Starting
     };
-    WorkloadStatus {
-        state,
-        desired,
-        current,
-        ready,
-        available,
-        updated,
-        message: None,
-    }
+    WorkloadStatus { state, desired, current, ready, available, updated, message: None }
 }
 
 #[cfg(test)]
@@ -612,16 +510,8 @@ mod tests {
     fn deployment_states_follow_the_controller_fields() {
         let cases = [
             (0, json!({"observedGeneration": 2}), State::Off),
-            (
-                0,
-                json!({"observedGeneration": 2, "replicas": 1}),
-                State::Stopping,
-            ),
-            (
-                1,
-                json!({"observedGeneration": 2, "replicas": 1}),
-                State::Starting,
-            ),
+            (0, json!({"observedGeneration": 2, "replicas": 1}), State::Stopping),
+            (1, json!({"observedGeneration": 2, "replicas": 1}), State::Starting),
             (
                 1,
                 json!({"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}),

@@ -44,10 +44,7 @@ mod tests {
 
     #[test]
     fn debug_never_prints_the_value() {
-        assert_eq!(
-            format!("{:?}", Secret::new("hunter2")),
-            "Secret(<redacted>)"
-        );
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(<redacted>)");
     }
 
     #[test]

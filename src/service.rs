@@ -13,9 +13,10 @@ use std::{
 use tokio::sync::{Notify, watch};
 
 use crate::{
-    appservice::{self, AppState, NoSink},
+    appservice::{self, AppState},
     bridge::Bridge,
     config::Config,
+    crypto::{self, CryptoCell},
     matrix::MatrixClient,
     metrics::Metrics,
     rooms::Rooms,
@@ -49,10 +50,7 @@ pub enum ServiceError {
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs until `shutdown` resolves.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServiceError> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
     let config = Arc::new(config);
     let store = Arc::new(Store::open(&config.state_dir)?);
@@ -64,21 +62,19 @@ pub async fn run(
     ));
     let work = Arc::new(Notify::new());
     let reachable = Arc::new(AtomicBool::new(false));
+    let crypto = Arc::new(CryptoCell::default());
     let state = AppState::new(
         config.registration.hs_token.clone(),
         store.clone(),
         metrics.clone(),
-        Arc::new(NoSink),
+        crypto.clone(),
         work.clone(),
         reachable.clone(),
     );
 
     let listener = tokio::net::TcpListener::bind(config.listen_address)
         .await
-        .map_err(|source| ServiceError::Bind {
-            address: config.listen_address,
-            source,
-        })?;
+        .map_err(|source| ServiceError::Bind { address: config.listen_address, source })?;
     let local = listener.local_addr().map_err(ServiceError::Serve)?;
     tracing::info!(
         address = %local,
@@ -101,26 +97,26 @@ pub async fn run(
         store.clone(),
         metrics.clone(),
         rooms,
+        crypto.clone(),
         scaler,
     ));
+    let encryption = tokio::spawn(crypto::start_in_background(
+        crypto.clone(),
+        config.clone(),
+        store.clone(),
+        matrix.clone(),
+        metrics.clone(),
+        work.clone(),
+    ));
+    let sweeper = tokio::spawn(sweep_undecryptable(bridge.clone(), stop_rx.clone()));
     let worker = tokio::spawn(worker::run(store.clone(), bridge, work, stop_rx.clone()));
     let startup = {
         let (matrix, config) = (matrix.clone(), config.clone());
         tokio::spawn(async move {
-            startup::run(
-                &matrix,
-                &config.registration.id,
-                &config.registration.url,
-                &config.display_name,
-            )
-            .await;
+            startup::run(&matrix, &config.registration.id, &config.registration.url, &config.display_name).await;
         })
     };
-    let probe = tokio::spawn(probe_homeserver(
-        matrix.base_url().to_owned(),
-        reachable,
-        stop_rx.clone(),
-    ));
+    let probe = tokio::spawn(probe_homeserver(matrix.base_url().to_owned(), reachable, stop_rx.clone()));
 
     let server = axum::serve(listener, appservice::app(state)).with_graceful_shutdown(async move {
         shutdown.await;
@@ -130,25 +126,33 @@ pub async fn run(
     let _ = stop_tx.send(true);
     startup.abort();
     probe.abort();
+    encryption.abort();
+    sweeper.abort();
     if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
-        tracing::warn!(
-            "the worker did not finish within {DRAIN_TIMEOUT:?}; its job resumes at the next start"
-        );
+        tracing::warn!("the worker did not finish within {DRAIN_TIMEOUT:?}; its job resumes at the next start");
     }
     tracing::info!("stopped");
     served
 }
 
+/// Every few seconds, answers encrypted commands whose room key never came.
+async fn sweep_undecryptable(bridge: Arc<Bridge>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.changed() => return,
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        bridge.report_undecryptable(now_ms).await;
+    }
+}
+
 /// Keeps `reachable` up to date by asking the homeserver for its versions.
-async fn probe_homeserver(
-    base: String,
-    reachable: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("static client settings");
+async fn probe_homeserver(base: String, reachable: Arc<AtomicBool>, mut stop: watch::Receiver<bool>) {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("static client settings");
     let url = format!("{base}/_matrix/client/versions");
     loop {
         let ok = matches!(http.get(&url).send().await, Ok(r) if r.status().is_success());
@@ -159,11 +163,7 @@ async fn probe_homeserver(
                 tracing::warn!(url = %url, "homeserver unreachable");
             }
         }
-        let wait = if ok {
-            Duration::from_secs(15)
-        } else {
-            Duration::from_secs(2)
-        };
+        let wait = if ok { Duration::from_secs(15) } else { Duration::from_secs(2) };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,

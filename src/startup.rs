@@ -33,42 +33,23 @@ pub async fn ensure_bot_registered(matrix: &MatrixClient) -> Result<(), MatrixEr
 /// Sets the bot's display name when it differs.
 pub async fn ensure_display_name(matrix: &MatrixClient, name: &str) -> Result<(), MatrixError> {
     let current = matrix
-        .send_without_device(get_profile_field::v3::Request::new(
-            matrix.bot().clone(),
-            ProfileFieldName::DisplayName,
-        ))
+        .send_without_device(get_profile_field::v3::Request::new(matrix.bot().clone(), ProfileFieldName::DisplayName))
         .await
         .ok()
         .and_then(|r| r.value);
     let wanted = ProfileFieldValue::DisplayName(name.to_owned());
     if current.as_ref() != Some(&wanted) {
-        matrix
-            .send_without_device(set_profile_field::v3::Request::new(
-                matrix.bot().clone(),
-                wanted,
-            ))
-            .await?;
+        matrix.send_without_device(set_profile_field::v3::Request::new(matrix.bot().clone(), wanted)).await?;
     }
     Ok(())
 }
 
 /// Asks the homeserver to ping us and logs whether it could, with the fix when it could not.
 /// Returns whether the ping succeeded.
-pub async fn ping_via_homeserver(
-    matrix: &MatrixClient,
-    appservice_id: &str,
-    our_url: &str,
-) -> bool {
-    match matrix
-        .send_without_device(request_ping::v1::Request::new(appservice_id.to_owned()))
-        .await
-    {
+pub async fn ping_via_homeserver(matrix: &MatrixClient, appservice_id: &str, our_url: &str) -> bool {
+    match matrix.send_without_device(request_ping::v1::Request::new(appservice_id.to_owned())).await {
         Ok(r) => {
-            tracing::info!(
-                duration_ms = r.duration.as_millis() as u64,
-                url = our_url,
-                "the homeserver can reach us"
-            );
+            tracing::info!(duration_ms = r.duration.as_millis() as u64, url = our_url, "the homeserver can reach us");
             true
         }
         Err(e) => {
@@ -119,7 +100,5 @@ pub async fn run(matrix: &MatrixClient, appservice_id: &str, our_url: &str, disp
     // NB: right after a quick restart Synapse may still think we are down; a second ping makes
     // it send what it queued without waiting for its back-off.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let _ = matrix
-        .send_without_device(request_ping::v1::Request::new(appservice_id.to_owned()))
-        .await;
+    let _ = matrix.send_without_device(request_ping::v1::Request::new(appservice_id.to_owned())).await;
 }

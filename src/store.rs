@@ -52,6 +52,22 @@ pub enum Progress {
     Replied,
 }
 
+/// An encrypted event waiting for its room key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parked {
+    /// The event id.
+    pub event_id: String,
+    /// The room.
+    pub room_id: String,
+    /// The sender.
+    pub sender: String,
+    /// When it was parked (ms since the Unix epoch).
+    pub parked_ms: i64,
+}
+
+/// Most encrypted events kept waiting for their keys; the oldest are dropped beyond it.
+pub const MAX_PARKED: i64 = 1000;
+
 /// The state database.
 pub struct Store {
     conn: Mutex<Connection>,
@@ -82,6 +98,15 @@ CREATE TABLE IF NOT EXISTS progress (
     stage TEXT NOT NULL,
     reply TEXT
 );
+CREATE TABLE IF NOT EXISTS undecrypted (
+    event_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    event TEXT NOT NULL,
+    parked_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS undecrypted_session ON undecrypted(session_id);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -91,18 +116,13 @@ CREATE TABLE IF NOT EXISTS kv (
 impl Store {
     /// Opens (creating if needed) the state database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.display().to_string(), source })?;
         let conn = Connection::open(dir.join("state.sqlite3"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+        Ok(Self { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -113,11 +133,7 @@ impl Store {
     pub fn transaction_seen(&self, txn_id: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT 1 FROM transactions WHERE txn_id = ?1",
-                [txn_id],
-                |_| Ok(()),
-            )
+            .query_row("SELECT 1 FROM transactions WHERE txn_id = ?1", [txn_id], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -134,9 +150,8 @@ impl Store {
         let tx = conn.transaction()?;
         let mut added = 0;
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO jobs (event_id, event, received_ms) VALUES (?1, ?2, ?3)",
-            )?;
+            let mut insert =
+                tx.prepare_cached("INSERT OR IGNORE INTO jobs (event_id, event, received_ms) VALUES (?1, ?2, ?3)")?;
             for (event_id, event) in events {
                 added += insert.execute(params![event_id, event, now_ms])?;
             }
@@ -169,17 +184,13 @@ impl Store {
 
     /// Marks a job handled.
     pub fn complete_job(&self, seq: i64) -> Result<(), StoreError> {
-        self.conn()
-            .execute("UPDATE jobs SET done = 1, event = '' WHERE seq = ?1", [seq])?;
+        self.conn().execute("UPDATE jobs SET done = 1, event = '' WHERE seq = ?1", [seq])?;
         Ok(())
     }
 
     /// Counts a postponed attempt of a job.
     pub fn postpone_job(&self, seq: i64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE jobs SET attempts = attempts + 1 WHERE seq = ?1",
-            [seq],
-        )?;
+        self.conn().execute("UPDATE jobs SET attempts = attempts + 1 WHERE seq = ?1", [seq])?;
         Ok(())
     }
 
@@ -187,16 +198,12 @@ impl Store {
     pub fn progress(&self, event_id: &str) -> Result<Option<Progress>, StoreError> {
         let row: Option<(String, Option<String>)> = self
             .conn()
-            .query_row(
-                "SELECT stage, reply FROM progress WHERE event_id = ?1",
-                [event_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT stage, reply FROM progress WHERE event_id = ?1", [event_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
         Ok(row.map(|(stage, reply)| match stage.as_str() {
-            "acted" => Progress::Acted {
-                reply: reply.unwrap_or_default(),
-            },
+            "acted" => Progress::Acted { reply: reply.unwrap_or_default() },
             _ => Progress::Replied,
         }))
     }
@@ -217,10 +224,7 @@ impl Store {
 
     /// A stored value.
     pub fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?)
+        Ok(self.conn().query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0)).optional()?)
     }
 
     /// Stores a value.
@@ -232,11 +236,58 @@ impl Store {
         Ok(())
     }
 
+    /// Parks an encrypted event until the room key of `session_id` arrives.
+    pub fn park_undecrypted(&self, parked: &Parked, session_id: &str, event: &str) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR REPLACE INTO undecrypted (event_id, session_id, room_id, sender, event, parked_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![parked.event_id, session_id, parked.room_id, parked.sender, event, parked.parked_ms],
+        )?;
+        conn.execute(
+            "DELETE FROM undecrypted WHERE event_id IN
+             (SELECT event_id FROM undecrypted ORDER BY parked_ms DESC LIMIT -1 OFFSET ?1)",
+            [MAX_PARKED],
+        )?;
+        Ok(())
+    }
+
+    /// Puts the events waiting for `session_id` back in the queue; returns how many.
+    pub fn requeue_undecrypted(&self, session_id: &str) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE jobs SET done = 0, attempts = attempts + 1,
+                 event = (SELECT u.event FROM undecrypted u WHERE u.event_id = jobs.event_id)
+             WHERE event_id IN (SELECT event_id FROM undecrypted WHERE session_id = ?1)",
+            [session_id],
+        )?;
+        tx.execute("DELETE FROM undecrypted WHERE session_id = ?1", [session_id])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Removes and returns the events parked before `before_ms`.
+    pub fn take_expired_undecrypted(&self, before_ms: i64) -> Result<Vec<Parked>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let parked = {
+            let mut stmt = tx.prepare(
+                "SELECT event_id, room_id, sender, parked_ms FROM undecrypted WHERE parked_ms < ?1 ORDER BY parked_ms",
+            )?;
+            let rows = stmt.query_map([before_ms], |r| {
+                Ok(Parked { event_id: r.get(0)?, room_id: r.get(1)?, sender: r.get(2)?, parked_ms: r.get(3)? })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute("DELETE FROM undecrypted WHERE parked_ms < ?1", [before_ms])?;
+        tx.commit()?;
+        Ok(parked)
+    }
+
     /// Whether the database answers.
     pub fn is_healthy(&self) -> bool {
-        self.conn()
-            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-            .is_ok()
+        self.conn().query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
     }
 }
 
@@ -265,22 +316,9 @@ mod tests {
     fn an_event_in_two_transactions_is_queued_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            s.record_transaction("t1", &[ev("$a"), ev("$b")], 0)
-                .unwrap(),
-            2
-        );
-        assert_eq!(
-            s.record_transaction("t2", &[ev("$b"), ev("$c")], 0)
-                .unwrap(),
-            1
-        );
-        let ids: Vec<_> = s
-            .pending_jobs(10)
-            .unwrap()
-            .into_iter()
-            .map(|j| j.event_id)
-            .collect();
+        assert_eq!(s.record_transaction("t1", &[ev("$a"), ev("$b")], 0).unwrap(), 2);
+        assert_eq!(s.record_transaction("t2", &[ev("$b"), ev("$c")], 0).unwrap(), 1);
+        let ids: Vec<_> = s.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
         assert_eq!(ids, ["$a", "$b", "$c"]);
     }
 
@@ -301,21 +339,41 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.progress("$a").unwrap(), None);
-        s.set_progress(
-            "$a",
-            &Progress::Acted {
-                reply: "done".into(),
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            s.progress("$a").unwrap(),
-            Some(Progress::Acted {
-                reply: "done".into()
-            })
-        );
+        s.set_progress("$a", &Progress::Acted { reply: "done".into() }).unwrap();
+        assert_eq!(s.progress("$a").unwrap(), Some(Progress::Acted { reply: "done".into() }));
         s.set_progress("$a", &Progress::Replied).unwrap();
         assert_eq!(s.progress("$a").unwrap(), Some(Progress::Replied));
+    }
+
+    #[test]
+    fn a_parked_event_returns_to_the_queue_when_its_key_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.record_transaction("t1", &[ev("$a")], 0).unwrap();
+        let job = s.pending_jobs(10).unwrap().remove(0);
+        let parked = Parked { event_id: "$a".into(), room_id: "!r".into(), sender: "@u:x".into(), parked_ms: 5 };
+        s.park_undecrypted(&parked, "sess", &job.event).unwrap();
+        s.complete_job(job.seq).unwrap();
+        assert_eq!(s.requeue_undecrypted("other").unwrap(), 0);
+        assert_eq!(s.requeue_undecrypted("sess").unwrap(), 1);
+        let again = s.pending_jobs(10).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].event, job.event);
+        assert_eq!(again[0].attempts, 1);
+        assert_eq!(s.requeue_undecrypted("sess").unwrap(), 0);
+    }
+
+    #[test]
+    fn expired_parked_events_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for (id, at) in [("$old", 10), ("$new", 100)] {
+            let p = Parked { event_id: id.into(), room_id: "!r".into(), sender: "@u:x".into(), parked_ms: at };
+            s.park_undecrypted(&p, "sess", "{}").unwrap();
+        }
+        let taken = s.take_expired_undecrypted(50).unwrap();
+        assert_eq!(taken.iter().map(|p| p.event_id.as_str()).collect::<Vec<_>>(), ["$old"]);
+        assert!(s.take_expired_undecrypted(50).unwrap().is_empty());
     }
 
     #[test]

@@ -104,13 +104,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let ev = |id: &str| (id.to_owned(), "{}".to_owned());
-        store
-            .record_transaction("t", &[ev("$a"), ev("$b"), ev("$c")], 0)
-            .unwrap();
-        let handler = Arc::new(Recorder {
-            seen: Mutex::new(vec![]),
-            fail_first: Mutex::new(true),
-        });
+        store.record_transaction("t", &[ev("$a"), ev("$b"), ev("$c")], 0).unwrap();
+        let handler = Arc::new(Recorder { seen: Mutex::new(vec![]), fail_first: Mutex::new(true) });
         let (tx, rx) = watch::channel(false);
         let work = Arc::new(Notify::new());
         let task = tokio::spawn(run(store.clone(), handler.clone(), work, rx));

@@ -25,35 +25,23 @@ struct Stack {
     hs_token: String,
 }
 
-async fn stack_with(
-    configure: impl FnOnce(BridgeSetup, &std::path::Path) -> BridgeSetup,
-    api: TestApiServer,
-) -> Stack {
+async fn stack_with(configure: impl FnOnce(BridgeSetup, &std::path::Path) -> BridgeSetup, api: TestApiServer) -> Stack {
     let dir = scratch_dir();
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let setup = BridgeSetup::new(dir.path())
-        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
-        .env("ROLLOUT_TIMEOUT_SECS", "20");
+    let setup =
+        BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap()).env("ROLLOUT_TIMEOUT_SECS", "20");
     let setup = configure(setup, dir.path());
     let synapse = Synapse::start(dir.path(), &setup.registration);
     let (hs_token, _) = tokens(&setup.registration);
     let bridge = setup.start(&synapse.url).await;
-    Stack {
-        _dir: dir,
-        synapse,
-        bridge,
-        api,
-        hs_token,
-    }
+    Stack { _dir: dir, synapse, bridge, api, hs_token }
 }
 
 async fn stack(replicas: i32) -> Stack {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", replicas);
-    api.set_controller(ControllerMode::Ready {
-        after: Duration::from_millis(300),
-    });
+    api.set_controller(ControllerMode::Ready { after: Duration::from_millis(300) });
     stack_with(|s, _| s, api).await
 }
 
@@ -92,71 +80,32 @@ async fn stop_remembers_the_count_and_start_restores_it_with_exactly_one_patch()
 
     let stop = alice.send_text(&room, "stop").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
-    assert!(
-        body(&replies[0]).contains("clawdbot is stopping: 3 → 0"),
-        "{}",
-        body(&replies[0])
-    );
+    assert!(body(&replies[0]).contains("clawdbot is stopping: 3 → 0"), "{}", body(&replies[0]));
     assert_eq!(replies[0]["content"]["msgtype"], "m.notice");
-    assert_eq!(
-        replies[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
-        stop.as_str()
-    );
+    assert_eq!(replies[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], stop.as_str());
     assert!(replies[0]["content"]["formatted_body"].is_string());
     assert_eq!(s.scale_patches(), [json!({"spec":{"replicas":0}})]);
-    let annotations = s
-        .api
-        .annotations(WorkloadKind::Deployment, "clawdbot", "clawdbot")
-        .unwrap();
-    assert_eq!(
-        annotations
-            .get("matrix-k8s-toggle/replicas-before-stop")
-            .map(String::as_str),
-        Some("3")
-    );
+    let annotations = s.api.annotations(WorkloadKind::Deployment, "clawdbot", "clawdbot").unwrap();
+    assert_eq!(annotations.get("matrix-k8s-toggle/replicas-before-stop").map(String::as_str), Some("3"));
     let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
-    assert!(
-        body(&replies[1]).starts_with("clawdbot is off after"),
-        "{}",
-        body(&replies[1])
-    );
+    assert!(body(&replies[1]).starts_with("clawdbot is off after"), "{}", body(&replies[1]));
 
     alice.send_text(&room, "status").await;
     let replies = alice.wait_for_messages(&room, BOT, 3, WAIT).await;
-    assert!(
-        body(&replies[2]).starts_with("clawdbot is off: 0/0 ready"),
-        "{}",
-        body(&replies[2])
-    );
+    assert!(body(&replies[2]).starts_with("clawdbot is off: 0/0 ready"), "{}", body(&replies[2]));
 
     s.api.clear_requests();
     alice.send_text(&room, "start").await;
     let replies = alice.wait_for_messages(&room, BOT, 4, WAIT).await;
-    assert!(
-        body(&replies[3]).contains("clawdbot is starting: 0 → 3"),
-        "{}",
-        body(&replies[3])
-    );
+    assert!(body(&replies[3]).contains("clawdbot is starting: 0 → 3"), "{}", body(&replies[3]));
     let replies = alice.wait_for_messages(&room, BOT, 5, WAIT).await;
-    assert!(
-        body(&replies[4]).starts_with("clawdbot is up: 3/3 ready after"),
-        "{}",
-        body(&replies[4])
-    );
+    assert!(body(&replies[4]).starts_with("clawdbot is up: 3/3 ready after"), "{}", body(&replies[4]));
     assert_eq!(s.scale_patches(), [json!({"spec":{"replicas":3}})]);
-    assert_eq!(
-        s.api
-            .replicas(WorkloadKind::Deployment, "clawdbot", "clawdbot"),
-        Some((3, 3))
-    );
+    assert_eq!(s.api.replicas(WorkloadKind::Deployment, "clawdbot", "clawdbot"), Some((3, 3)));
 
     alice.send_text(&room, "status").await;
     let replies = alice.wait_for_messages(&room, BOT, 6, WAIT).await;
-    assert!(
-        body(&replies[5]).starts_with("clawdbot is running: 3/3 ready"),
-        "{}",
-        body(&replies[5])
-    );
+    assert!(body(&replies[5]).starts_with("clawdbot is running: 3/3 ready"), "{}", body(&replies[5]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,17 +121,9 @@ async fn a_user_who_is_not_allowed_causes_no_patch_and_no_reply_and_their_invite
     mallory.send_text(&room, "stop").await;
     alice.send_text(&room, "!toggle status").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
-    assert!(
-        body(&replies[0]).starts_with("clawdbot is running"),
-        "{}",
-        body(&replies[0])
-    );
+    assert!(body(&replies[0]).starts_with("clawdbot is running"), "{}", body(&replies[0]));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        alice.messages_from(&room, BOT).await.len(),
-        1,
-        "only alice's command is answered"
-    );
+    assert_eq!(alice.messages_from(&room, BOT).await.len(), 1, "only alice's command is answered");
     assert!(s.scale_patches().is_empty());
 
     let own = mallory.create_room(&[BOT], false).await;
@@ -201,11 +142,7 @@ async fn chatter_in_a_group_room_gets_no_answer() {
     alice.send_text(&room, "stop the music please").await;
     alice.send_text(&room, "!toggle list").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
-    assert!(
-        body(&replies[0]).starts_with("Targets:"),
-        "{}",
-        body(&replies[0])
-    );
+    assert!(body(&replies[0]).starts_with("Targets:"), "{}", body(&replies[0]));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(alice.messages_from(&room, BOT).await.len(), 1);
     assert!(s.scale_patches().is_empty());
@@ -218,11 +155,7 @@ async fn an_unknown_command_in_a_dm_gets_the_help() {
     let room = s.dm(&alice).await;
     alice.send_text(&room, "make coffee").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
-    assert!(
-        body(&replies[0]).starts_with("Unknown command: make coffee"),
-        "{}",
-        body(&replies[0])
-    );
+    assert!(body(&replies[0]).starts_with("Unknown command: make coffee"), "{}", body(&replies[0]));
     assert!(body(&replies[0]).contains("stop | off"));
 }
 
@@ -235,17 +168,9 @@ async fn a_command_event_sent_again_in_a_new_transaction_causes_no_second_patch(
     alice.wait_for_messages(&room, BOT, 1, WAIT).await;
     assert_eq!(s.scale_patches().len(), 1);
 
-    let event = alice
-        .messages(&room, 50)
-        .await
-        .into_iter()
-        .find(|e| e["event_id"] == event_id.as_str())
-        .unwrap();
+    let event = alice.messages(&room, 50).await.into_iter().find(|e| e["event_id"] == event_id.as_str()).unwrap();
     let resp = reqwest::Client::new()
-        .put(format!(
-            "{}/_matrix/app/v1/transactions/resent-1",
-            s.bridge.url
-        ))
+        .put(format!("{}/_matrix/app/v1/transactions/resent-1", s.bridge.url))
         .bearer_auth(&s.hs_token)
         .json(&json!({ "events": [event] }))
         .send()
@@ -255,13 +180,7 @@ async fn a_command_event_sent_again_in_a_new_transaction_causes_no_second_patch(
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(s.scale_patches().len(), 1);
     let replies = alice.messages_from(&room, BOT).await;
-    assert_eq!(
-        replies
-            .iter()
-            .filter(|r| body(r).contains("is starting"))
-            .count(),
-        1
-    );
+    assert_eq!(replies.iter().filter(|r| body(r).contains("is starting")).count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,20 +195,9 @@ async fn a_forbidden_patch_is_answered_with_the_missing_permission() {
     alice.send_text(&room, "start").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
     let text = body(&replies[0]);
-    assert!(
-        text.contains("may not patch deployments/scale in namespace clawdbot"),
-        "{text}"
-    );
-    assert!(
-        text.contains("grant `patch` on `deployments/scale`"),
-        "{text}"
-    );
-    assert_eq!(
-        s.api
-            .replicas(WorkloadKind::Deployment, "clawdbot", "clawdbot")
-            .map(|r| r.0),
-        Some(0)
-    );
+    assert!(text.contains("may not patch deployments/scale in namespace clawdbot"), "{text}");
+    assert!(text.contains("grant `patch` on `deployments/scale`"), "{text}");
+    assert_eq!(s.api.replicas(WorkloadKind::Deployment, "clawdbot", "clawdbot").map(|r| r.0), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,9 +205,7 @@ async fn a_statefulset_target_from_the_config_file_is_scaled() {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("apps", "web", 1);
     api.add_statefulset("data", "postgres", 0);
-    api.set_controller(ControllerMode::Ready {
-        after: Duration::from_millis(200),
-    });
+    api.set_controller(ControllerMode::Ready { after: Duration::from_millis(200) });
     let s = stack_with(
         |setup, dir| {
             let config = dir.join("config.yaml");
@@ -317,43 +223,20 @@ async fn a_statefulset_target_from_the_config_file_is_scaled() {
     let room = s.dm(&alice).await;
     alice.send_text(&room, "start db 2").await;
     let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
-    assert!(
-        body(&replies[0]).contains("db is starting: 0 → 2"),
-        "{}",
-        body(&replies[0])
-    );
-    assert!(
-        body(&replies[1]).starts_with("db is up: 2/2 ready"),
-        "{}",
-        body(&replies[1])
-    );
-    let patches: Vec<_> = s
-        .api
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "PATCH")
-        .collect();
+    assert!(body(&replies[0]).contains("db is starting: 0 → 2"), "{}", body(&replies[0]));
+    assert!(body(&replies[1]).starts_with("db is up: 2/2 ready"), "{}", body(&replies[1]));
+    let patches: Vec<_> = s.api.requests().into_iter().filter(|r| r.method == "PATCH").collect();
     assert_eq!(patches.len(), 1);
-    assert_eq!(
-        patches[0].path,
-        "/apis/apps/v1/namespaces/data/statefulsets/postgres/scale"
-    );
+    assert_eq!(patches[0].path, "/apis/apps/v1/namespaces/data/statefulsets/postgres/scale");
 
     alice.send_text(&room, "start db 5").await;
     let replies = alice.wait_for_messages(&room, BOT, 3, WAIT).await;
     assert_eq!(body(&replies[2]), "db allows at most 3 replicas.");
     alice.send_text(&room, "stop").await;
     let replies = alice.wait_for_messages(&room, BOT, 4, WAIT).await;
-    assert!(
-        body(&replies[3]).starts_with("Which one?"),
-        "{}",
-        body(&replies[3])
-    );
+    assert!(body(&replies[3]).starts_with("Which one?"), "{}", body(&replies[3]));
     alice.send_text(&room, "status").await;
     let replies = alice.wait_for_messages(&room, BOT, 5, WAIT).await;
     let status = body(&replies[4]);
-    assert!(
-        status.contains("web is running: 1/1") && status.contains("db is running: 2/2"),
-        "{status}"
-    );
+    assert!(status.contains("web is running: 1/1") && status.contains("db is running: 2/2"), "{status}");
 }

@@ -36,11 +36,7 @@ fn fixture() -> Fixture {
         Arc::new(Notify::new()),
         Arc::new(AtomicBool::new(false)),
     );
-    Fixture {
-        _dir: dir,
-        state,
-        store,
-    }
+    Fixture { _dir: dir, state, store }
 }
 
 async fn call(f: &Fixture, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value) {
@@ -54,57 +50,33 @@ async fn call(f: &Fixture, method: &str, uri: &str, body: impl Into<Body>) -> (S
     let resp = app(f.state.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
 #[tokio::test]
 async fn an_unknown_path_is_404_unrecognized() {
     let (status, v) = call(&fixture(), "GET", "/_matrix/app/v1/nothing", "").await;
-    assert_eq!(
-        (status, v["errcode"].as_str()),
-        (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED"))
-    );
+    assert_eq!((status, v["errcode"].as_str()), (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED")));
 }
 
 #[tokio::test]
 async fn a_wrong_method_is_405_unrecognized() {
     let (status, v) = call(&fixture(), "GET", "/_matrix/app/v1/transactions/t1", "").await;
-    assert_eq!(
-        (status, v["errcode"].as_str()),
-        (StatusCode::METHOD_NOT_ALLOWED, Some("M_UNRECOGNIZED"))
-    );
+    assert_eq!((status, v["errcode"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("M_UNRECOGNIZED")));
 }
 
 #[tokio::test]
 async fn user_and_alias_queries_are_404_not_found() {
     let f = fixture();
-    for uri in [
-        "/_matrix/app/v1/users/@x:y",
-        "/_matrix/app/v1/rooms/%23a:y",
-        "/users/@x:y",
-        "/rooms/%23a:y",
-    ] {
+    for uri in ["/_matrix/app/v1/users/@x:y", "/_matrix/app/v1/rooms/%23a:y", "/users/@x:y", "/rooms/%23a:y"] {
         let (status, v) = call(&f, "GET", uri, "").await;
-        assert_eq!(
-            (status, v["errcode"].as_str()),
-            (StatusCode::NOT_FOUND, Some("M_NOT_FOUND")),
-            "{uri}"
-        );
+        assert_eq!((status, v["errcode"].as_str()), (StatusCode::NOT_FOUND, Some("M_NOT_FOUND")), "{uri}");
     }
 }
 
 #[tokio::test]
 async fn ping_answers_an_empty_object() {
-    let (status, v) = call(
-        &fixture(),
-        "POST",
-        "/_matrix/app/v1/ping",
-        r#"{"transaction_id":"p1"}"#,
-    )
-    .await;
+    let (status, v) = call(&fixture(), "POST", "/_matrix/app/v1/ping", r#"{"transaction_id":"p1"}"#).await;
     assert_eq!((status, v), (StatusCode::OK, serde_json::json!({})));
 }
 
@@ -129,10 +101,7 @@ async fn a_body_of_100_events_of_64_kib_is_accepted() {
 async fn a_body_over_the_limit_is_413() {
     let body = vec![b' '; MAX_BODY_BYTES + 1];
     let (status, v) = call(&fixture(), "PUT", "/_matrix/app/v1/transactions/huge", body).await;
-    assert_eq!(
-        (status, v["errcode"].as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, Some("M_TOO_LARGE"))
-    );
+    assert_eq!((status, v["errcode"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("M_TOO_LARGE")));
 }
 
 #[tokio::test]
@@ -149,62 +118,25 @@ async fn events_of_a_transaction_are_queued_in_order() {
     let body = serde_json::json!({ "events": [ev("$1"), ev("$2"), ev("$3")] }).to_string();
     let (status, _) = call(&f, "PUT", "/_matrix/app/v1/transactions/o", body).await;
     assert_eq!(status, StatusCode::OK);
-    let ids: Vec<String> = f
-        .store
-        .pending_jobs(10)
-        .unwrap()
-        .into_iter()
-        .map(|j| j.event_id)
-        .collect();
+    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
     assert_eq!(ids, ["$1", "$2", "$3"]);
 }
 
 #[tokio::test]
 async fn readiness_reports_an_unreachable_homeserver() {
     let f = fixture();
-    let resp = app(f.state.clone())
-        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    let resp = app(f.state.clone()).oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains("homeserver: unavailable"), "{text}");
 }
 
 #[tokio::test]
 async fn metrics_need_no_token_and_count_transactions() {
     let f = fixture();
-    call(
-        &f,
-        "PUT",
-        "/_matrix/app/v1/transactions/m1",
-        r#"{"events":[]}"#,
-    )
-    .await;
-    let resp = app(f.state.clone())
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    call(&f, "PUT", "/_matrix/app/v1/transactions/m1", r#"{"events":[]}"#).await;
+    let resp = app(f.state.clone()).oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
-    assert!(
-        text.contains("matrix_k8s_toggle_transactions_total{result=\"ok\"} 1"),
-        "{text}"
-    );
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.contains("matrix_k8s_toggle_transactions_total{result=\"ok\"} 1"), "{text}");
 }

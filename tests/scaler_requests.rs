@@ -28,16 +28,7 @@ fn target(kind: WorkloadKind) -> Target {
 fn scaler() -> (Scaler, ApiHandle) {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    (
-        Scaler::new(
-            client,
-            RetryPolicy {
-                attempts: 3,
-                first_delay: Duration::from_millis(1),
-            },
-        ),
-        handle,
-    )
+    (Scaler::new(client, RetryPolicy { attempts: 3, first_delay: Duration::from_millis(1) }), handle)
 }
 
 /// One expected request and the answer to give.
@@ -51,14 +42,7 @@ struct Step {
 }
 
 fn get(path: &str, answer: Value) -> Step {
-    Step {
-        method: "GET",
-        path_and_query: path.into(),
-        content_type: None,
-        body: None,
-        status: 200,
-        answer,
-    }
+    Step { method: "GET", path_and_query: path.into(), content_type: None, body: None, status: 200, answer }
 }
 
 fn merge_patch(path: &str, body: Value, answer: Value) -> Step {
@@ -82,17 +66,11 @@ fn failing(mut step: Step, status: u16, answer: Value) -> Step {
 fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for (i, step) in steps.into_iter().enumerate() {
-            let (request, send) = handle
-                .next_request()
-                .await
-                .unwrap_or_else(|| panic!("step {i}: no request came"));
+            let (request, send) = handle.next_request().await.unwrap_or_else(|| panic!("step {i}: no request came"));
             assert_eq!(request.method().as_str(), step.method, "step {i}");
             let pq = request.uri().path_and_query().unwrap().as_str().to_owned();
             assert_eq!(pq, step.path_and_query, "step {i}");
-            let ct = request
-                .headers()
-                .get("content-type")
-                .map(|v| v.to_str().unwrap().to_owned());
+            let ct = request.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
             assert_eq!(ct.as_deref(), step.content_type, "step {i}");
             let bytes = request.into_body().collect_bytes().await.unwrap();
             if let Some(expected) = step.body {
@@ -113,11 +91,7 @@ const DEPLOY: &str = "/apis/apps/v1/namespaces/clawdbot/deployments/clawdbot";
 const STS: &str = "/apis/apps/v1/namespaces/clawdbot/statefulsets/clawdbot";
 
 fn scale(replicas: i32) -> Value {
-    let spec = if replicas == 0 {
-        json!({})
-    } else {
-        json!({ "replicas": replicas })
-    };
+    let spec = if replicas == 0 { json!({}) } else { json!({ "replicas": replicas }) };
     json!({"kind":"Scale","apiVersion":"autoscaling/v1",
         "metadata":{"name":"clawdbot","namespace":"clawdbot","uid":"u1","resourceVersion":"7","creationTimestamp":"2026-01-01T00:00:00Z"},
         "spec": spec, "status":{"replicas":replicas,"selector":"app=clawdbot"}})
@@ -147,20 +121,10 @@ async fn stop_remembers_the_count_on_the_workload_then_merge_patches_the_scale_t
                 json!({"metadata":{"annotations":{"matrix-k8s-toggle/replicas-before-stop":"3"}}}),
                 deployment(json!({})),
             ),
-            merge_patch(
-                &format!("{DEPLOY}/scale"),
-                json!({"spec":{"replicas":0}}),
-                scale(0),
-            ),
+            merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":0}}), scale(0)),
         ],
     );
-    assert_eq!(
-        scaler
-            .stop(&target(WorkloadKind::Deployment))
-            .await
-            .unwrap(),
-        Change::Scaled { from: 3, to: 0 }
-    );
+    assert_eq!(scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap(), Change::Scaled { from: 3, to: 0 });
     api.await.unwrap();
 }
 
@@ -171,24 +135,11 @@ async fn start_restores_the_remembered_count_with_one_patch() {
         handle,
         vec![
             get(&format!("{DEPLOY}/scale"), scale(0)),
-            get(
-                DEPLOY,
-                deployment(json!({"matrix-k8s-toggle/replicas-before-stop":"3"})),
-            ),
-            merge_patch(
-                &format!("{DEPLOY}/scale"),
-                json!({"spec":{"replicas":3}}),
-                scale(3),
-            ),
+            get(DEPLOY, deployment(json!({"matrix-k8s-toggle/replicas-before-stop":"3"}))),
+            merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":3}}), scale(3)),
         ],
     );
-    assert_eq!(
-        scaler
-            .start(&target(WorkloadKind::Deployment), None)
-            .await
-            .unwrap(),
-        Change::Scaled { from: 0, to: 3 }
-    );
+    assert_eq!(scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap(), Change::Scaled { from: 0, to: 3 });
     api.await.unwrap();
 }
 
@@ -200,20 +151,10 @@ async fn start_without_a_remembered_count_scales_to_one() {
         vec![
             get(&format!("{DEPLOY}/scale"), scale(0)),
             get(DEPLOY, deployment(json!({}))),
-            merge_patch(
-                &format!("{DEPLOY}/scale"),
-                json!({"spec":{"replicas":1}}),
-                scale(1),
-            ),
+            merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":1}}), scale(1)),
         ],
     );
-    assert_eq!(
-        scaler
-            .start(&target(WorkloadKind::Deployment), None)
-            .await
-            .unwrap(),
-        Change::Scaled { from: 0, to: 1 }
-    );
+    assert_eq!(scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap(), Change::Scaled { from: 0, to: 1 });
     api.await.unwrap();
 }
 
@@ -221,13 +162,7 @@ async fn start_without_a_remembered_count_scales_to_one() {
 async fn start_of_a_running_workload_sends_no_patch() {
     let (scaler, handle) = scaler();
     let api = serve(handle, vec![get(&format!("{DEPLOY}/scale"), scale(2))]);
-    assert_eq!(
-        scaler
-            .start(&target(WorkloadKind::Deployment), None)
-            .await
-            .unwrap(),
-        Change::Unchanged { replicas: 2 }
-    );
+    assert_eq!(scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap(), Change::Unchanged { replicas: 2 });
     api.await.unwrap();
 }
 
@@ -238,17 +173,10 @@ async fn a_statefulset_is_scaled_through_its_own_scale_subresource() {
         handle,
         vec![
             get(&format!("{STS}/scale"), scale(0)),
-            merge_patch(
-                &format!("{STS}/scale"),
-                json!({"spec":{"replicas":2}}),
-                scale(2),
-            ),
+            merge_patch(&format!("{STS}/scale"), json!({"spec":{"replicas":2}}), scale(2)),
         ],
     );
-    let change = scaler
-        .start(&target(WorkloadKind::StatefulSet), Some(2))
-        .await
-        .unwrap();
+    let change = scaler.start(&target(WorkloadKind::StatefulSet), Some(2)).await.unwrap();
     assert_eq!(change, Change::Scaled { from: 0, to: 2 });
     api.await.unwrap();
 }
@@ -263,29 +191,18 @@ async fn a_forbidden_patch_names_the_verb_and_resource_the_service_account_lacks
             get(&format!("{DEPLOY}/scale"), scale(0)),
             get(DEPLOY, deployment(json!({}))),
             failing(
-                merge_patch(
-                    &format!("{DEPLOY}/scale"),
-                    json!({"spec":{"replicas":1}}),
-                    json!({}),
-                ),
+                merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":1}}), json!({})),
                 403,
                 status_body(403, "Forbidden", msg),
             ),
         ],
     );
-    let err = scaler
-        .start(&target(WorkloadKind::Deployment), None)
-        .await
-        .unwrap_err();
+    let err = scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap_err();
     assert!(
         matches!(&err, ScaleError::Forbidden { verb: "patch", resource, .. } if resource == "deployments/scale"),
         "{err:?}"
     );
-    assert!(
-        err.to_string()
-            .contains("grant `patch` on `deployments/scale`"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("grant `patch` on `deployments/scale`"), "{err}");
     api.await.unwrap();
 }
 
@@ -300,10 +217,7 @@ async fn a_missing_workload_is_named() {
             status_body(404, "NotFound", "deployments.apps \"clawdbot\" not found"),
         )],
     );
-    let err = scaler
-        .stop(&target(WorkloadKind::Deployment))
-        .await
-        .unwrap_err();
+    let err = scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "Deployment clawdbot/clawdbot does not exist: check the target's namespace and workload name"
@@ -317,44 +231,21 @@ async fn unavailable_answers_are_retried_then_succeed() {
     let api = serve(
         handle,
         vec![
-            failing(
-                get(&format!("{DEPLOY}/scale"), json!({})),
-                503,
-                status_body(503, "ServiceUnavailable", "busy"),
-            ),
-            failing(
-                get(&format!("{DEPLOY}/scale"), json!({})),
-                429,
-                status_body(429, "TooManyRequests", "slow down"),
-            ),
+            failing(get(&format!("{DEPLOY}/scale"), json!({})), 503, status_body(503, "ServiceUnavailable", "busy")),
+            failing(get(&format!("{DEPLOY}/scale"), json!({})), 429, status_body(429, "TooManyRequests", "slow down")),
             get(&format!("{DEPLOY}/scale"), scale(0)),
         ],
     );
-    assert_eq!(
-        scaler
-            .stop(&target(WorkloadKind::Deployment))
-            .await
-            .unwrap(),
-        Change::Unchanged { replicas: 0 }
-    );
+    assert_eq!(scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap(), Change::Unchanged { replicas: 0 });
     api.await.unwrap();
 }
 
 #[tokio::test]
 async fn unavailable_answers_are_reported_after_the_last_attempt() {
     let (scaler, handle) = scaler();
-    let fail = || {
-        failing(
-            get(&format!("{DEPLOY}/scale"), json!({})),
-            500,
-            status_body(500, "InternalError", "boom"),
-        )
-    };
+    let fail = || failing(get(&format!("{DEPLOY}/scale"), json!({})), 500, status_body(500, "InternalError", "boom"));
     let api = serve(handle, vec![fail(), fail(), fail()]);
-    let err = scaler
-        .stop(&target(WorkloadKind::Deployment))
-        .await
-        .unwrap_err();
+    let err = scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap_err();
     assert!(matches!(err, ScaleError::Unavailable(_, 3)), "{err:?}");
     api.await.unwrap();
 }

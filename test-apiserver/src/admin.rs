@@ -22,10 +22,7 @@ use crate::workload::{UnknownKind, WorkloadKind};
 pub(crate) fn routes() -> Router<Cluster> {
     Router::new()
         .route("/workloads", post(add_workload))
-        .route(
-            "/workloads/{kind}/{namespace}/{name}",
-            get(show_workload).delete(remove_workload),
-        )
+        .route("/workloads/{kind}/{namespace}/{name}", get(show_workload).delete(remove_workload))
         .route("/controller", get(show_controller).put(set_controller))
         .route("/rbac", get(show_rbac).put(set_rbac))
         .route("/token", put(set_token))
@@ -44,11 +41,7 @@ enum AdminError {
     Kind(#[from] UnknownKind),
     /// No such workload.
     #[error("{kind} {namespace}/{name} not found")]
-    NotFound {
-        kind: WorkloadKind,
-        namespace: String,
-        name: String,
-    },
+    NotFound { kind: WorkloadKind, namespace: String, name: String },
     /// A workload cannot start with negative replicas.
     #[error("replicas must not be negative, got {0}")]
     NegativeReplicas(i32),
@@ -73,10 +66,7 @@ struct NewWorkload {
     replicas: i32,
 }
 
-async fn add_workload(
-    State(cluster): State<Cluster>,
-    Json(new): Json<NewWorkload>,
-) -> Result<Response, AdminError> {
+async fn add_workload(State(cluster): State<Cluster>, Json(new): Json<NewWorkload>) -> Result<Response, AdminError> {
     if new.replicas < 0 {
         return Err(AdminError::NegativeReplicas(new.replicas));
     }
@@ -100,23 +90,13 @@ async fn show_workload(
     Path((kind, namespace, name)): Path<(String, String, String)>,
 ) -> Result<Json<WorkloadState>, AdminError> {
     let kind: WorkloadKind = kind.parse()?;
-    let not_found = || AdminError::NotFound {
-        kind,
-        namespace: namespace.clone(),
-        name: name.clone(),
-    };
-    let (spec_replicas, ready_replicas) = cluster
-        .replicas(kind, &namespace, &name)
-        .ok_or_else(not_found)?;
+    let not_found = || AdminError::NotFound { kind, namespace: namespace.clone(), name: name.clone() };
+    let (spec_replicas, ready_replicas) = cluster.replicas(kind, &namespace, &name).ok_or_else(not_found)?;
     Ok(Json(WorkloadState {
         spec_replicas,
         ready_replicas,
-        annotations: cluster
-            .annotations(kind, &namespace, &name)
-            .unwrap_or_default(),
-        object: cluster
-            .object(kind, &namespace, &name)
-            .ok_or_else(not_found)?,
+        annotations: cluster.annotations(kind, &namespace, &name).unwrap_or_default(),
+        object: cluster.object(kind, &namespace, &name).ok_or_else(not_found)?,
     }))
 }
 
@@ -128,21 +108,13 @@ async fn remove_workload(
     if cluster.remove_workload(kind, &namespace, &name) {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(AdminError::NotFound {
-            kind,
-            namespace,
-            name,
-        })
+        Err(AdminError::NotFound { kind, namespace, name })
     }
 }
 
 /// [`ControllerMode`] in JSON, with durations in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(
-    tag = "mode",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase"
-)]
+#[serde(tag = "mode", rename_all = "camelCase", rename_all_fields = "camelCase")]
 enum ControllerBody {
     Ready { after_ms: u64 },
     Never { progress_deadline_ms: u64 },
@@ -156,16 +128,11 @@ fn millis(d: Duration) -> u64 {
 impl From<ControllerMode> for ControllerBody {
     fn from(mode: ControllerMode) -> Self {
         match mode {
-            ControllerMode::Ready { after } => Self::Ready {
-                after_ms: millis(after),
-            },
-            ControllerMode::Never { progress_deadline } => Self::Never {
-                progress_deadline_ms: millis(progress_deadline),
-            },
-            ControllerMode::Partial { ready, after } => Self::Partial {
-                ready,
-                after_ms: millis(after),
-            },
+            ControllerMode::Ready { after } => Self::Ready { after_ms: millis(after) },
+            ControllerMode::Never { progress_deadline } => {
+                Self::Never { progress_deadline_ms: millis(progress_deadline) }
+            }
+            ControllerMode::Partial { ready, after } => Self::Partial { ready, after_ms: millis(after) },
         }
     }
 }
@@ -173,18 +140,13 @@ impl From<ControllerMode> for ControllerBody {
 impl From<ControllerBody> for ControllerMode {
     fn from(body: ControllerBody) -> Self {
         match body {
-            ControllerBody::Ready { after_ms } => Self::Ready {
-                after: Duration::from_millis(after_ms),
-            },
-            ControllerBody::Never {
-                progress_deadline_ms,
-            } => Self::Never {
-                progress_deadline: Duration::from_millis(progress_deadline_ms),
-            },
-            ControllerBody::Partial { ready, after_ms } => Self::Partial {
-                ready,
-                after: Duration::from_millis(after_ms),
-            },
+            ControllerBody::Ready { after_ms } => Self::Ready { after: Duration::from_millis(after_ms) },
+            ControllerBody::Never { progress_deadline_ms } => {
+                Self::Never { progress_deadline: Duration::from_millis(progress_deadline_ms) }
+            }
+            ControllerBody::Partial { ready, after_ms } => {
+                Self::Partial { ready, after: Duration::from_millis(after_ms) }
+            }
         }
     }
 }
@@ -193,10 +155,7 @@ async fn show_controller(State(cluster): State<Cluster>) -> Json<ControllerBody>
     Json(cluster.controller().into())
 }
 
-async fn set_controller(
-    State(cluster): State<Cluster>,
-    Json(body): Json<ControllerBody>,
-) -> StatusCode {
+async fn set_controller(State(cluster): State<Cluster>, Json(body): Json<ControllerBody>) -> StatusCode {
     cluster.set_controller(body.into());
     StatusCode::NO_CONTENT
 }
@@ -208,9 +167,7 @@ struct RbacBody {
 }
 
 async fn show_rbac(State(cluster): State<Cluster>) -> Json<RbacBody> {
-    Json(RbacBody {
-        rules: cluster.knobs().rbac.clone(),
-    })
+    Json(RbacBody { rules: cluster.knobs().rbac.clone() })
 }
 
 async fn set_rbac(State(cluster): State<Cluster>, Json(body): Json<RbacBody>) -> StatusCode {
@@ -273,10 +230,7 @@ async fn show_kubeconfig(
     headers: HeaderMap,
     Query(query): Query<KubeconfigQuery>,
 ) -> Response {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1");
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
     let yaml = kubeconfig::kubeconfig_yaml(
         &format!("http://{host}"),
         &cluster.token(),
@@ -291,21 +245,9 @@ mod tests {
 
     #[test]
     fn controller_modes_round_trip_through_json() {
-        let body: ControllerBody =
-            serde_json::from_str(r#"{"mode":"partial","ready":1,"afterMs":250}"#).unwrap();
-        assert_eq!(
-            ControllerMode::from(body),
-            ControllerMode::Partial {
-                ready: 1,
-                after: Duration::from_millis(250)
-            }
-        );
-        let never = ControllerBody::from(ControllerMode::Never {
-            progress_deadline: Duration::from_secs(2),
-        });
-        assert_eq!(
-            serde_json::to_value(never).unwrap(),
-            json!({"mode": "never", "progressDeadlineMs": 2000})
-        );
+        let body: ControllerBody = serde_json::from_str(r#"{"mode":"partial","ready":1,"afterMs":250}"#).unwrap();
+        assert_eq!(ControllerMode::from(body), ControllerMode::Partial { ready: 1, after: Duration::from_millis(250) });
+        let never = ControllerBody::from(ControllerMode::Never { progress_deadline: Duration::from_secs(2) });
+        assert_eq!(serde_json::to_value(never).unwrap(), json!({"mode": "never", "progressDeadlineMs": 2000}));
     }
 }

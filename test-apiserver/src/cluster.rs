@@ -74,8 +74,7 @@ impl Cluster {
 
     /// Creates a workload of `kind` with `replicas` ready replicas (or resets one to that).
     pub fn add_workload(&self, kind: WorkloadKind, namespace: &str, name: &str, replicas: i32) {
-        self.store()
-            .upsert(&Key::new(kind, namespace, name), replicas);
+        self.store().upsert(&Key::new(kind, namespace, name), replicas);
     }
 
     /// Deletes a workload, which watchers see as DELETED; false if it did not exist.
@@ -135,33 +134,17 @@ impl Cluster {
 
     /// `(spec.replicas, status.readyReplicas)` of a workload.
     pub fn replicas(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<(i32, i32)> {
-        self.store()
-            .get(&Key::new(kind, namespace, name))
-            .map(|o| (o.spec_replicas(), o.ready_replicas()))
+        self.store().get(&Key::new(kind, namespace, name)).map(|o| (o.spec_replicas(), o.ready_replicas()))
     }
 
     /// `metadata.annotations` of a workload (empty when it has none).
-    pub fn annotations(
-        &self,
-        kind: WorkloadKind,
-        namespace: &str,
-        name: &str,
-    ) -> Option<BTreeMap<String, String>> {
-        self.store()
-            .get(&Key::new(kind, namespace, name))
-            .map(|o| o.meta().annotations.clone().unwrap_or_default())
+    pub fn annotations(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        self.store().get(&Key::new(kind, namespace, name)).map(|o| o.meta().annotations.clone().unwrap_or_default())
     }
 
     /// The workload as a GET would return it.
-    pub fn object(
-        &self,
-        kind: WorkloadKind,
-        namespace: &str,
-        name: &str,
-    ) -> Option<serde_json::Value> {
-        self.store()
-            .get(&Key::new(kind, namespace, name))
-            .map(|o| o.to_value())
+    pub fn object(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<serde_json::Value> {
+        self.store().get(&Key::new(kind, namespace, name)).map(|o| o.to_value())
     }
 
     /// The current global resourceVersion.

@@ -37,9 +37,7 @@ pub enum ControllerMode {
 
 impl Default for ControllerMode {
     fn default() -> Self {
-        Self::Ready {
-            after: Duration::from_millis(200),
-        }
+        Self::Ready { after: Duration::from_millis(200) }
     }
 }
 
@@ -96,9 +94,7 @@ fn goal(rollout: &Rollout) -> (i32, Duration) {
     let kept = rollout.from_ready.min(rollout.target);
     match rollout.mode {
         ControllerMode::Ready { after } => (rollout.target, after),
-        ControllerMode::Partial { ready, after } => {
-            (kept.max(ready.clamp(0, rollout.target)), after)
-        }
+        ControllerMode::Partial { ready, after } => (kept.max(ready.clamp(0, rollout.target)), after),
         ControllerMode::Never { .. } => (kept, Duration::ZERO),
     }
 }
@@ -117,10 +113,7 @@ fn deployment_progress(rollout: &Rollout, elapsed: Duration) -> Progress {
         let gone = termination(rollout.mode);
         let done = elapsed >= gone;
         return Progress {
-            counts: Counts {
-                replicas: if done { target } else { rollout.from_replicas },
-                ready: kept,
-            },
+            counts: Counts { replicas: if done { target } else { rollout.from_replicas }, ready: kept },
             deadline_exceeded: false,
             next: (!done).then_some(gone),
         };
@@ -138,51 +131,30 @@ fn deployment_progress(rollout: &Rollout, elapsed: Duration) -> Progress {
             next = Some(progress_deadline);
         }
     }
-    Progress {
-        counts: Counts {
-            replicas: target,
-            ready,
-        },
-        deadline_exceeded,
-        next,
-    }
+    Progress { counts: Counts { replicas: target, ready }, deadline_exceeded, next }
 }
 
 /// `OrderedReady`: one pod at a time, each waiting for the one before it.
 fn statefulset_progress(rollout: &Rollout, elapsed: Duration) -> Progress {
     let target = rollout.target;
     let step = termination(rollout.mode);
-    let steps = if step.is_zero() {
-        i32::MAX
-    } else {
-        i32::try_from(elapsed.as_nanos() / step.as_nanos()).unwrap_or(i32::MAX)
-    };
+    let steps =
+        if step.is_zero() { i32::MAX } else { i32::try_from(elapsed.as_nanos() / step.as_nanos()).unwrap_or(i32::MAX) };
     let at_step = |n: i32| Some(step.saturating_mul(u32::try_from(n + 1).unwrap_or(u32::MAX)));
     if target < rollout.from_replicas {
         let replicas = rollout.from_replicas.saturating_sub(steps).max(target);
-        let ready = if replicas > target {
-            rollout.from_ready.min(replicas - 1)
-        } else {
-            rollout.from_ready.min(target)
-        };
+        let ready =
+            if replicas > target { rollout.from_ready.min(replicas - 1) } else { rollout.from_ready.min(target) };
         return Progress {
             counts: Counts { replicas, ready },
             deadline_exceeded: false,
-            next: if replicas > target {
-                at_step(steps)
-            } else {
-                None
-            },
+            next: if replicas > target { at_step(steps) } else { None },
         };
     }
     let kept = rollout.from_ready.min(target);
     let (goal, _) = goal(rollout);
     let ready = kept.saturating_add(steps).min(goal);
-    let replicas = if ready < target {
-        (ready + 1).max(rollout.from_replicas).min(target)
-    } else {
-        target
-    };
+    let replicas = if ready < target { (ready + 1).max(rollout.from_replicas).min(target) } else { target };
     Progress {
         counts: Counts { replicas, ready },
         deadline_exceeded: false,
@@ -206,10 +178,7 @@ impl Observed {
         Self {
             generation: object.generation(),
             target,
-            counts: Counts {
-                replicas: target,
-                ready: target,
-            },
+            counts: Counts { replicas: target, ready: target },
             deadline_exceeded: false,
         }
     }
@@ -260,36 +229,16 @@ fn set_conditions(status: &mut DeploymentStatus, observed: &Observed, rs: &str, 
     let Counts { replicas, ready } = observed.counts;
     let max_unavailable = target / 4;
     let available = if ready >= target - max_unavailable {
-        (
-            "True",
-            "MinimumReplicasAvailable",
-            "Deployment has minimum availability.".to_owned(),
-        )
+        ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.".to_owned())
     } else {
-        (
-            "False",
-            "MinimumReplicasUnavailable",
-            "Deployment does not have minimum availability.".to_owned(),
-        )
+        ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.".to_owned())
     };
     let progressing = if observed.deadline_exceeded {
-        (
-            "False",
-            "ProgressDeadlineExceeded",
-            format!("ReplicaSet \"{rs}\" has timed out progressing."),
-        )
+        ("False", "ProgressDeadlineExceeded", format!("ReplicaSet \"{rs}\" has timed out progressing."))
     } else if replicas == target && ready == target {
-        (
-            "True",
-            "NewReplicaSetAvailable",
-            format!("ReplicaSet \"{rs}\" has successfully progressed."),
-        )
+        ("True", "NewReplicaSetAvailable", format!("ReplicaSet \"{rs}\" has successfully progressed."))
     } else {
-        (
-            "True",
-            "ReplicaSetUpdated",
-            format!("ReplicaSet \"{rs}\" is progressing."),
-        )
+        ("True", "ReplicaSetUpdated", format!("ReplicaSet \"{rs}\" is progressing."))
     };
     set_condition(status, "Available", available, now);
     set_condition(status, "Progressing", progressing, now);
@@ -352,14 +301,7 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn rollout(mode: ControllerMode, from: i32, target: i32) -> Rollout {
-        Rollout {
-            started: Instant::now(),
-            mode,
-            from_replicas: from,
-            from_ready: from,
-            target,
-            generation: 2,
-        }
+        Rollout { started: Instant::now(), mode, from_replicas: from, from_ready: from, target, generation: 2 }
     }
 
     fn at(kind: WorkloadKind, r: &Rollout, ms: u64) -> (i32, i32) {
@@ -371,10 +313,7 @@ mod tests {
     fn a_ready_deployment_creates_pods_at_once_and_readies_them_after_the_delay() {
         let r = rollout(ControllerMode::Ready { after: MS * 100 }, 0, 3);
         assert_eq!(at(WorkloadKind::Deployment, &r, 0), (3, 0));
-        assert_eq!(
-            progress(WorkloadKind::Deployment, &r, MS).next,
-            Some(MS * 100)
-        );
+        assert_eq!(progress(WorkloadKind::Deployment, &r, MS).next, Some(MS * 100));
         assert_eq!(at(WorkloadKind::Deployment, &r, 100), (3, 3));
         assert_eq!(progress(WorkloadKind::Deployment, &r, MS * 100).next, None);
     }
@@ -388,9 +327,7 @@ mod tests {
 
     #[test]
     fn a_never_ready_deployment_exceeds_its_progress_deadline() {
-        let mode = ControllerMode::Never {
-            progress_deadline: MS * 500,
-        };
+        let mode = ControllerMode::Never { progress_deadline: MS * 500 };
         let r = rollout(mode, 0, 1);
         let early = progress(WorkloadKind::Deployment, &r, MS * 10);
         assert_eq!((early.counts.ready, early.deadline_exceeded), (0, false));
@@ -402,10 +339,7 @@ mod tests {
 
     #[test]
     fn a_partial_deployment_stops_at_the_given_ready_count() {
-        let mode = ControllerMode::Partial {
-            ready: 1,
-            after: MS * 50,
-        };
+        let mode = ControllerMode::Partial { ready: 1, after: MS * 50 };
         let r = rollout(mode, 0, 3);
         assert_eq!(at(WorkloadKind::Deployment, &r, 60), (3, 1));
         assert_eq!(progress(WorkloadKind::Deployment, &r, MS * 60).next, None);
@@ -417,10 +351,7 @@ mod tests {
         assert_eq!(at(WorkloadKind::StatefulSet, &r, 0), (1, 0));
         assert_eq!(at(WorkloadKind::StatefulSet, &r, 100), (2, 1));
         assert_eq!(at(WorkloadKind::StatefulSet, &r, 250), (3, 2));
-        assert_eq!(
-            progress(WorkloadKind::StatefulSet, &r, MS * 250).next,
-            Some(MS * 300)
-        );
+        assert_eq!(progress(WorkloadKind::StatefulSet, &r, MS * 250).next, Some(MS * 300));
         assert_eq!(at(WorkloadKind::StatefulSet, &r, 300), (3, 3));
     }
 
@@ -466,14 +397,8 @@ mod tests {
         set_conditions(&mut status, &observed(0), "web-abc", t0);
         set_conditions(&mut status, &observed(1), "web-abc", t1);
         let conditions = status.conditions.unwrap();
-        let progressing = conditions
-            .iter()
-            .find(|c| c.type_ == "Progressing")
-            .unwrap();
-        assert_eq!(
-            progressing.reason.as_deref(),
-            Some("NewReplicaSetAvailable")
-        );
+        let progressing = conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
+        assert_eq!(progressing.reason.as_deref(), Some("NewReplicaSetAvailable"));
         assert_eq!(progressing.last_transition_time, Some(Time(t0)));
         assert_eq!(progressing.last_update_time, Some(Time(t1)));
         let available = conditions.iter().find(|c| c.type_ == "Available").unwrap();

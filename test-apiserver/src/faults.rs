@@ -21,12 +21,7 @@ pub struct Fault {
 impl Fault {
     /// A fault for the next `times` requests of any kind.
     pub fn new(status: u16, times: usize) -> Self {
-        Self {
-            status,
-            times,
-            path_contains: None,
-            method: None,
-        }
+        Self { status, times, path_contains: None, method: None }
     }
 
     /// Limits the fault to requests whose `path?query` contains `fragment`.
@@ -42,13 +37,8 @@ impl Fault {
     }
 
     fn matches(&self, method: &str, target: &str) -> bool {
-        self.method
-            .as_ref()
-            .is_none_or(|m| m.eq_ignore_ascii_case(method))
-            && self
-                .path_contains
-                .as_ref()
-                .is_none_or(|p| target.contains(p.as_str()))
+        self.method.as_ref().is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && self.path_contains.as_ref().is_none_or(|p| target.contains(p.as_str()))
     }
 }
 
@@ -71,10 +61,7 @@ impl Faults {
 
     /// Uses up one firing of the first fault matching the request, and returns its status.
     pub(crate) fn take(&mut self, method: &str, target: &str) -> Option<u16> {
-        let i = self
-            .pending
-            .iter()
-            .position(|f| f.matches(method, target))?;
+        let i = self.pending.iter().position(|f| f.matches(method, target))?;
         let fault = &mut self.pending[i];
         let status = fault.status;
         fault.times -= 1;

@@ -25,10 +25,7 @@ type Reply = Result<Response, Status>;
 
 /// The whole server: the Kubernetes API plus the `/_test/` admin API.
 pub fn app(cluster: Cluster) -> Router {
-    Router::new()
-        .nest("/_test", admin::routes())
-        .fallback(api)
-        .with_state(cluster)
+    Router::new().nest("/_test", admin::routes()).fallback(api).with_state(cluster)
 }
 
 /// One request's pieces, as the handlers need them.
@@ -40,13 +37,7 @@ struct Incoming {
     body: Bytes,
 }
 
-async fn api(
-    State(cluster): State<Cluster>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn api(State(cluster): State<Cluster>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path();
     let raw_query = uri.query().unwrap_or_default();
     let content_type = header_text(&headers, header::CONTENT_TYPE);
@@ -63,12 +54,7 @@ async fn api(
         let mut knobs = cluster.knobs();
         let target = format!("{path}?{raw_query}");
         let fault = knobs.faults.take(method.as_str(), &target);
-        (
-            knobs.latency,
-            fault,
-            knobs.token.clone(),
-            knobs.rbac.clone(),
-        )
+        (knobs.latency, fault, knobs.token.clone(), knobs.rbac.clone())
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -79,11 +65,8 @@ async fn api(
     }
     let bearer = header_text(&headers, header::AUTHORIZATION);
     let bearer = bearer.as_deref().and_then(|h| h.strip_prefix("Bearer "));
-    let anonymous_ok = bearer.is_none()
-        && matches!(
-            request.target,
-            Target::Health | Target::Discovery(Discovery::Version)
-        );
+    let anonymous_ok =
+        bearer.is_none() && matches!(request.target, Target::Health | Target::Discovery(Discovery::Version));
     if bearer != Some(token.as_str()) && !anonymous_ok {
         return Status::unauthorized().into_response();
     }
@@ -97,21 +80,12 @@ async fn api(
             .and_then(|ua| ua.split('/').next().map(str::to_owned))
             .unwrap_or_else(|| "unknown".to_owned())
     });
-    let incoming = Incoming {
-        request,
-        method,
-        content_type,
-        manager,
-        body,
-    };
+    let incoming = Incoming { request, method, content_type, manager, body };
     serve(&cluster, incoming, rules).unwrap_or_else(IntoResponse::into_response)
 }
 
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 fn serve(cluster: &Cluster, incoming: Incoming, rules: Option<Vec<rbac::RbacRule>>) -> Reply {
@@ -125,56 +99,27 @@ fn serve(cluster: &Cluster, incoming: Incoming, rules: Option<Vec<rbac::RbacRule
                 list(cluster, *kind, &filter, &incoming.request.query)
             }
         }
-        (
-            &Method::GET,
-            Target::Object {
-                kind,
-                namespace,
-                name,
-            },
-        ) => {
+        (&Method::GET, Target::Object { kind, namespace, name }) => {
             let key = Key::new(*kind, namespace, name);
             let store = cluster.store();
             let object = store.get(&key).ok_or_else(|| not_found(&key))?;
             Ok(json_response(StatusCode::OK, object))
         }
-        (
-            &Method::GET,
-            Target::Scale {
-                kind,
-                namespace,
-                name,
-            },
-        ) => {
+        (&Method::GET, Target::Scale { kind, namespace, name }) => {
             let key = Key::new(*kind, namespace, name);
             let store = cluster.store();
             let object = store.get(&key).ok_or_else(|| not_found(&key))?;
             Ok(json_response(StatusCode::OK, &object.scale()))
         }
-        (
-            &Method::PATCH,
-            Target::Object {
-                kind,
-                namespace,
-                name,
-            },
-        ) => patch_object(cluster, &Key::new(*kind, namespace, name), &incoming),
-        (
-            &Method::PUT,
-            Target::Object {
-                kind,
-                namespace,
-                name,
-            },
-        ) => replace_object(cluster, &Key::new(*kind, namespace, name), &incoming),
-        (
-            &Method::PATCH | &Method::PUT,
-            Target::Scale {
-                kind,
-                namespace,
-                name,
-            },
-        ) => write_scale(cluster, &Key::new(*kind, namespace, name), &incoming),
+        (&Method::PATCH, Target::Object { kind, namespace, name }) => {
+            patch_object(cluster, &Key::new(*kind, namespace, name), &incoming)
+        }
+        (&Method::PUT, Target::Object { kind, namespace, name }) => {
+            replace_object(cluster, &Key::new(*kind, namespace, name), &incoming)
+        }
+        (&Method::PATCH | &Method::PUT, Target::Scale { kind, namespace, name }) => {
+            write_scale(cluster, &Key::new(*kind, namespace, name), &incoming)
+        }
         (&Method::POST, Target::AccessReview) => access_review(rules.as_deref(), &incoming),
         (&Method::GET, Target::Discovery(document)) => Ok(discovery(*document)),
         (&Method::GET, Target::Health) => Ok("ok".into_response()),
@@ -225,13 +170,9 @@ fn list(cluster: &Cluster, kind: WorkloadKind, filter: &Filter, query: &Query) -
     let skip = match &query.continue_token {
         None => 0,
         Some(token) => {
-            let after = decode_continue(token).ok_or_else(|| {
-                Status::bad_request(format!("continue key is not valid: {token}"))
-            })?;
-            objects
-                .iter()
-                .position(|o| continue_key(o) > after)
-                .unwrap_or(objects.len())
+            let after = decode_continue(token)
+                .ok_or_else(|| Status::bad_request(format!("continue key is not valid: {token}")))?;
+            objects.iter().position(|o| continue_key(o) > after).unwrap_or(objects.len())
         }
     };
     let rest = &objects[skip..];
@@ -243,9 +184,7 @@ fn list(cluster: &Cluster, kind: WorkloadKind, filter: &Filter, query: &Query) -
         api_version: "apps/v1",
         metadata: ListMeta {
             resource_version: store.resource_version().to_string(),
-            continue_token: (more > 0)
-                .then(|| page.last().map(|o| encode_continue(&continue_key(o))))
-                .flatten(),
+            continue_token: (more > 0).then(|| page.last().map(|o| encode_continue(&continue_key(o)))).flatten(),
             remaining_item_count: (more > 0).then_some(more),
         },
         items: page.iter().map(|o| o.to_list_item()).collect(),
@@ -272,25 +211,21 @@ fn decode_continue(token: &str) -> Option<String> {
 
 /// Reads a PUT or POST body, which may be JSON or YAML.
 fn body_value(incoming: &Incoming) -> Result<Value, Status> {
-    let media = incoming
-        .content_type
-        .as_deref()
-        .and_then(|c| c.split(';').next())
-        .map(str::trim);
+    let media = incoming.content_type.as_deref().and_then(|c| c.split(';').next()).map(str::trim);
     match media {
-        Some("application/json") | None => serde_json::from_slice(&incoming.body)
-            .map_err(|e| Status::bad_request(format!("error decoding body: {e}"))),
-        Some("application/yaml") => serde_yaml::from_slice(&incoming.body)
-            .map_err(|e| Status::bad_request(format!("error decoding body: {e}"))),
+        Some("application/json") | None => {
+            serde_json::from_slice(&incoming.body).map_err(|e| Status::bad_request(format!("error decoding body: {e}")))
+        }
+        Some("application/yaml") => {
+            serde_yaml::from_slice(&incoming.body).map_err(|e| Status::bad_request(format!("error decoding body: {e}")))
+        }
         Some(_) => Err(Status::unsupported_body_type()),
     }
 }
 
 /// 409 if `doc` carries a resourceVersion other than `current`'s.
 fn precondition(doc: &Value, current: &Workload, key: &Key) -> Result<(), Status> {
-    let wanted = doc
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str);
+    let wanted = doc.pointer("/metadata/resourceVersion").and_then(Value::as_str);
     match wanted {
         Some(rv) if !rv.is_empty() && Some(rv) != current.meta().resource_version.as_deref() => {
             Err(Status::conflict(key.kind.group_resource(), &key.name))
@@ -300,14 +235,13 @@ fn precondition(doc: &Value, current: &Workload, key: &Key) -> Result<(), Status
 }
 
 fn patch_object(cluster: &Cluster, key: &Key, incoming: &Incoming) -> Reply {
-    let kind = PatchType::from_content_type(incoming.content_type.as_deref())
-        .ok_or_else(Status::unsupported_patch_type)?;
+    let kind =
+        PatchType::from_content_type(incoming.content_type.as_deref()).ok_or_else(Status::unsupported_patch_type)?;
     let written = {
         let mut store = cluster.store();
         let current = store.get(key).ok_or_else(|| not_found(key))?;
         let mut doc = current.to_value();
-        patch::apply(kind, &mut doc, &incoming.body)
-            .map_err(|e| Status::bad_request(e.to_string()))?;
+        patch::apply(kind, &mut doc, &incoming.body).map_err(|e| Status::bad_request(e.to_string()))?;
         precondition(&doc, current, key)?;
         let candidate = Workload::from_value(key.kind, doc).map_err(Status::bad_request)?;
         let write = Write {
@@ -351,12 +285,7 @@ fn replace_object(cluster: &Cluster, key: &Key, incoming: &Incoming) -> Reply {
 
 /// `checkName`: a PUT body names the object on the URL, and its namespace if it names one.
 fn check_name(doc: &Value, key: &Key) -> Result<(), Status> {
-    let field = |f: &str| {
-        doc.pointer(&format!("/metadata/{f}"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let field = |f: &str| doc.pointer(&format!("/metadata/{f}")).and_then(Value::as_str).unwrap_or_default().to_owned();
     let (name, namespace) = (field("name"), field("namespace"));
     if name != key.name {
         return Err(Status::bad_request(format!(
@@ -397,8 +326,7 @@ fn write_scale(cluster: &Cluster, key: &Key, incoming: &Incoming) -> Reply {
         let doc = match (patch_kind, put_body) {
             (Some(kind), _) => {
                 let mut doc = current.scale().to_value();
-                patch::apply(kind, &mut doc, &incoming.body)
-                    .map_err(|e| Status::bad_request(e.to_string()))?;
+                patch::apply(kind, &mut doc, &incoming.body).map_err(|e| Status::bad_request(e.to_string()))?;
                 doc
             }
             (None, doc) => doc.unwrap_or_default(),
@@ -421,24 +349,14 @@ fn write_scale(cluster: &Cluster, key: &Key, incoming: &Incoming) -> Reply {
 
 /// `spec.replicas` of a Scale document: missing is 0, negative is 422, non-integer is 400.
 fn scale_replicas(doc: &Value, name: &str) -> Result<i32, Status> {
-    serde_json::from_value::<k8s_openapi::api::autoscaling::v1::Scale>(doc.clone()).map_err(
-        |e| {
-            Status::bad_request(format!(
-                "Scale in version \"v1\" cannot be handled as a Scale: {e}"
-            ))
-        },
-    )?;
+    serde_json::from_value::<k8s_openapi::api::autoscaling::v1::Scale>(doc.clone())
+        .map_err(|e| Status::bad_request(format!("Scale in version \"v1\" cannot be handled as a Scale: {e}")))?;
     let replicas = match doc.pointer("/spec/replicas") {
         None | Some(Value::Null) => 0,
         Some(value) => value.as_i64().unwrap_or_default(),
     };
     if replicas < 0 {
-        return Err(Status::invalid_replicas(
-            "autoscaling",
-            "Scale",
-            name,
-            replicas,
-        ));
+        return Err(Status::invalid_replicas("autoscaling", "Scale", name, replicas));
     }
     i32::try_from(replicas).map_err(|_| Status::bad_request("spec.replicas is out of range"))
 }
@@ -447,16 +365,8 @@ fn scale_replicas(doc: &Value, name: &str) -> Result<i32, Status> {
 fn access_review(rules: Option<&[rbac::RbacRule]>, incoming: &Incoming) -> Reply {
     let review = body_value(incoming)?;
     let spec = review.get("spec").cloned().unwrap_or_default();
-    let text = |v: &Value, k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let decision = match (
-        spec.get("resourceAttributes"),
-        spec.get("nonResourceAttributes"),
-    ) {
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let decision = match (spec.get("resourceAttributes"), spec.get("nonResourceAttributes")) {
         (Some(ra), None) => rbac::authorize(
             rules,
             &Attributes {
@@ -475,7 +385,8 @@ fn access_review(rules: Option<&[rbac::RbacRule]>, incoming: &Incoming) -> Reply
                 "SelfSubjectAccessReview",
                 "",
                 "spec.resourceAttributes",
-                "Invalid value: \"null\": exactly one of nonResourceAttributes or resourceAttributes must be specified".to_owned(),
+                "Invalid value: \"null\": exactly one of nonResourceAttributes or resourceAttributes must be specified"
+                    .to_owned(),
             ));
         }
     };
@@ -533,14 +444,8 @@ fn discovery(document: Discovery) -> Response {
             "groups": [group("apps"), group("authorization.k8s.io")]
         }),
         Discovery::AppsV1 => {
-            let mut resources =
-                workload("deployments", "deployment", "Deployment", "deploy").to_vec();
-            resources.extend(workload(
-                "statefulsets",
-                "statefulset",
-                "StatefulSet",
-                "sts",
-            ));
+            let mut resources = workload("deployments", "deployment", "Deployment", "deploy").to_vec();
+            resources.extend(workload("statefulsets", "statefulset", "StatefulSet", "sts"));
             json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": resources})
         }
         Discovery::AuthorizationV1 => json!({

@@ -34,10 +34,7 @@ mod tests {
     fn the_kubeconfig_names_server_token_and_current_context() {
         let yaml = kubeconfig_yaml("http://127.0.0.1:1", "t0ken", "default");
         let parsed: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
-        assert_eq!(
-            parsed["clusters"][0]["cluster"]["server"],
-            "http://127.0.0.1:1"
-        );
+        assert_eq!(parsed["clusters"][0]["cluster"]["server"], "http://127.0.0.1:1");
         assert_eq!(parsed["users"][0]["user"]["token"], "t0ken");
         assert_eq!(parsed["current-context"], CONTEXT);
         assert_eq!(parsed["contexts"][0]["context"]["namespace"], "default");

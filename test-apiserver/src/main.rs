@@ -35,18 +35,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let server = TestApiServer::start_with(Options {
         listen: args.listen,
         token: args.token,
-        controller: ControllerMode::Ready {
-            after: Duration::from_millis(args.ready_after_ms),
-        },
+        controller: ControllerMode::Ready { after: Duration::from_millis(args.ready_after_ms) },
     })
     .await?;
     for seed in &args.deployments {

@@ -49,12 +49,9 @@ pub(crate) enum PatchError {
 
 /// Applies `body` in the given format to `target`.
 pub(crate) fn apply(kind: PatchType, target: &mut Value, body: &[u8]) -> Result<(), PatchError> {
-    let patch: Value =
-        serde_json::from_slice(body).map_err(|e| PatchError::Decode(e.to_string()))?;
+    let patch: Value = serde_json::from_slice(body).map_err(|e| PatchError::Decode(e.to_string()))?;
     match kind {
-        PatchType::Merge | PatchType::StrategicMerge if !patch.is_object() => {
-            Err(PatchError::NotAnObject)
-        }
+        PatchType::Merge | PatchType::StrategicMerge if !patch.is_object() => Err(PatchError::NotAnObject),
         PatchType::Merge => {
             merge(target, &patch);
             Ok(())
@@ -138,10 +135,7 @@ fn strategic_merge(target: &mut Value, patch: &Value) {
 }
 
 fn named(items: &[Value]) -> bool {
-    !items.is_empty()
-        && items
-            .iter()
-            .all(|i| i.get("name").is_some_and(Value::is_string))
+    !items.is_empty() && items.iter().all(|i| i.get("name").is_some_and(Value::is_string))
 }
 
 fn strip_directives(value: &mut Value) {
@@ -155,28 +149,12 @@ fn strip_directives(value: &mut Value) {
 fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
     let ops = patch.as_array().ok_or(PatchError::NotAnArray)?;
     for (index, op) in ops.iter().enumerate() {
-        let bad = |why: &str| PatchError::BadOperation {
-            index,
-            why: why.to_owned(),
-        };
-        let name = op
-            .get("op")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("missing op"))?;
-        let path = op
-            .get("path")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("missing path"))?;
-        let missing = || PatchError::MissingPath {
-            op: name.to_owned(),
-            path: path.to_owned(),
-        };
+        let bad = |why: &str| PatchError::BadOperation { index, why: why.to_owned() };
+        let name = op.get("op").and_then(Value::as_str).ok_or_else(|| bad("missing op"))?;
+        let path = op.get("path").and_then(Value::as_str).ok_or_else(|| bad("missing path"))?;
+        let missing = || PatchError::MissingPath { op: name.to_owned(), path: path.to_owned() };
         let value = || op.get("value").cloned().ok_or_else(|| bad("missing value"));
-        let from = || {
-            op.get("from")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("missing from"))
-        };
+        let from = || op.get("from").and_then(Value::as_str).ok_or_else(|| bad("missing from"));
         match name {
             "add" => add(target, path, value()?).ok_or_else(missing)?,
             "remove" => {
@@ -195,9 +173,7 @@ fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
             }
             "test" => {
                 if target.pointer(path) != Some(&value()?) {
-                    return Err(PatchError::TestFailed {
-                        path: path.to_owned(),
-                    });
+                    return Err(PatchError::TestFailed { path: path.to_owned() });
                 }
             }
             _ => return Err(bad("unknown op")),
@@ -266,13 +242,10 @@ pub(crate) fn touched_fields(kind: PatchType, body: &[u8]) -> Value {
             let paths = patch.as_array().into_iter().flatten();
             for path in paths.filter_map(|op| op.get("path").and_then(Value::as_str)) {
                 let keys: Vec<&str> = path.split('/').skip(1).collect();
-                let leaf = keys
-                    .into_iter()
-                    .rev()
-                    .fold(Value::Object(Map::new()), |inner, key| {
-                        let key = key.replace("~1", "/").replace("~0", "~");
-                        Value::Object(Map::from_iter([(format!("f:{key}"), inner)]))
-                    });
+                let leaf = keys.into_iter().rev().fold(Value::Object(Map::new()), |inner, key| {
+                    let key = key.replace("~1", "/").replace("~0", "~");
+                    Value::Object(Map::from_iter([(format!("f:{key}"), inner)]))
+                });
                 union(&mut fields, &leaf);
             }
             fields
@@ -303,16 +276,9 @@ mod tests {
 
     #[test]
     fn strategic_merge_merges_named_lists_by_name() {
-        let mut doc =
-            json!({"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]});
-        strategic_merge(
-            &mut doc,
-            &json!({"containers": [{"name": "b", "image": "z"}]}),
-        );
-        assert_eq!(
-            doc,
-            json!({"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "z"}]})
-        );
+        let mut doc = json!({"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]});
+        strategic_merge(&mut doc, &json!({"containers": [{"name": "b", "image": "z"}]}));
+        assert_eq!(doc, json!({"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "z"}]}));
     }
 
     #[test]
@@ -328,24 +294,15 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(
-            doc,
-            json!({"spec": {"replicas": 3}, "metadata": {"annotations": {"a~b/c": "1"}, "copy": 3}})
-        );
+        assert_eq!(doc, json!({"spec": {"replicas": 3}, "metadata": {"annotations": {"a~b/c": "1"}, "copy": 3}}));
     }
 
     #[test]
     fn json_patch_on_a_missing_path_fails() {
         let mut doc = json!({});
         assert_eq!(
-            json_patch(
-                &mut doc,
-                &json!([{"op": "replace", "path": "/spec/replicas", "value": 3}])
-            ),
-            Err(PatchError::MissingPath {
-                op: "replace".to_owned(),
-                path: "/spec/replicas".to_owned()
-            })
+            json_patch(&mut doc, &json!([{"op": "replace", "path": "/spec/replicas", "value": 3}])),
+            Err(PatchError::MissingPath { op: "replace".to_owned(), path: "/spec/replicas".to_owned() })
         );
     }
 
@@ -355,20 +312,14 @@ mod tests {
             PatchType::from_content_type(Some("application/merge-patch+json; charset=utf-8")),
             Some(PatchType::Merge)
         );
-        assert_eq!(
-            PatchType::from_content_type(Some("application/apply-patch+yaml")),
-            None
-        );
+        assert_eq!(PatchType::from_content_type(Some("application/apply-patch+yaml")), None);
         assert_eq!(PatchType::from_content_type(None), None);
     }
 
     #[test]
     fn json_patch_fields_follow_the_operation_paths() {
         let body = br#"[{"op":"replace","path":"/spec/replicas","value":2}]"#;
-        assert_eq!(
-            touched_fields(PatchType::Json, body),
-            json!({"f:spec": {"f:replicas": {}}})
-        );
+        assert_eq!(touched_fields(PatchType::Json, body), json!({"f:spec": {"f:replicas": {}}}));
     }
 
     #[test]

@@ -22,12 +22,7 @@ pub struct RbacRule {
 impl RbacRule {
     /// A rule for every object of `resource` in `namespace`.
     pub fn new(verb: &str, resource: &str, namespace: &str) -> Self {
-        Self {
-            verb: verb.to_owned(),
-            resource: resource.to_owned(),
-            namespace: namespace.to_owned(),
-            name: None,
-        }
+        Self { verb: verb.to_owned(), resource: resource.to_owned(), namespace: namespace.to_owned(), name: None }
     }
 
     /// The same rule limited to the object `name`.
@@ -42,10 +37,7 @@ impl RbacRule {
             && (self.resource == "*" || request.group == "apps")
             && any(&self.resource, &request.full_resource())
             && any(&self.namespace, &request.namespace)
-            && self
-                .name
-                .as_ref()
-                .is_none_or(|n| !request.name.is_empty() && *n == request.name)
+            && self.name.as_ref().is_none_or(|n| !request.name.is_empty() && *n == request.name)
     }
 }
 
@@ -79,10 +71,7 @@ pub(crate) struct Decision {
 
 /// Decides a request against the table; `None` allows everything.
 pub(crate) fn authorize(rules: Option<&[RbacRule]>, request: &Attributes) -> Decision {
-    let account = USER
-        .strip_prefix("system:serviceaccount:")
-        .unwrap_or(USER)
-        .replacen(':', "/", 1);
+    let account = USER.strip_prefix("system:serviceaccount:").unwrap_or(USER).replacen(':', "/", 1);
     let Some(rules) = rules else {
         return Decision {
             allowed: true,
@@ -99,24 +88,16 @@ pub(crate) fn authorize(rules: Option<&[RbacRule]>, request: &Attributes) -> Dec
                 ns = request.namespace
             )),
         },
-        None => Decision {
-            allowed: false,
-            reason: None,
-        },
+        None => Decision { allowed: false, reason: None },
     }
 }
 
 /// Decides a non-resource request (such as `/version`): a rule whose resource is the path.
 pub(crate) fn authorize_path(rules: Option<&[RbacRule]>, verb: &str, path: &str) -> Decision {
     let allowed = rules.is_none_or(|rules| {
-        rules
-            .iter()
-            .any(|r| (r.verb == "*" || r.verb == verb) && (r.resource == "*" || r.resource == path))
+        rules.iter().any(|r| (r.verb == "*" || r.verb == verb) && (r.resource == "*" || r.resource == path))
     });
-    Decision {
-        allowed,
-        reason: None,
-    }
+    Decision { allowed, reason: None }
 }
 
 #[cfg(test)]
@@ -155,11 +136,7 @@ mod tests {
 
     #[test]
     fn only_a_wildcard_namespace_reaches_the_cluster_scope() {
-        let list = Attributes {
-            verb: "list".to_owned(),
-            resource: "deployments".to_owned(),
-            ..Attributes::default()
-        };
+        let list = Attributes { verb: "list".to_owned(), resource: "deployments".to_owned(), ..Attributes::default() };
         assert!(!authorize(Some(&[RbacRule::new("list", "deployments", "a")]), &list).allowed);
         assert!(authorize(Some(&[RbacRule::new("*", "*", "*")]), &list).allowed);
     }

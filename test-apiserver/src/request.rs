@@ -10,22 +10,11 @@ use crate::workload::WorkloadKind;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Target {
     /// `/apis/apps/v1[/namespaces/{ns}]/{plural}`
-    Collection {
-        kind: WorkloadKind,
-        namespace: Option<String>,
-    },
+    Collection { kind: WorkloadKind, namespace: Option<String> },
     /// `/apis/apps/v1/namespaces/{ns}/{plural}/{name}`
-    Object {
-        kind: WorkloadKind,
-        namespace: String,
-        name: String,
-    },
+    Object { kind: WorkloadKind, namespace: String, name: String },
     /// `/apis/apps/v1/namespaces/{ns}/{plural}/{name}/scale`
-    Scale {
-        kind: WorkloadKind,
-        namespace: String,
-        name: String,
-    },
+    Scale { kind: WorkloadKind, namespace: String, name: String },
     /// `/apis/authorization.k8s.io/v1/selfsubjectaccessreviews`
     AccessReview,
     /// `/version`, `/api`, `/apis` and the served group versions.
@@ -111,12 +100,7 @@ impl ApiRequest {
             ("DELETE", _) => "delete",
             _ => "unknown",
         };
-        Self {
-            target,
-            verb,
-            query,
-            path: path.to_owned(),
-        }
+        Self { target, verb, query, path: path.to_owned() }
     }
 
     /// The authorizer attributes of a workload request; `None` for everything else.
@@ -126,23 +110,10 @@ impl ApiRequest {
                 let pinned = FieldSelector::parse(&self.query.field_selector)
                     .ok()
                     .and_then(|s| s.exact_name().map(str::to_owned));
-                (
-                    *kind,
-                    namespace.clone().unwrap_or_default(),
-                    pinned.unwrap_or_default(),
-                    "",
-                )
+                (*kind, namespace.clone().unwrap_or_default(), pinned.unwrap_or_default(), "")
             }
-            Target::Object {
-                kind,
-                namespace,
-                name,
-            } => (*kind, namespace.clone(), name.clone(), ""),
-            Target::Scale {
-                kind,
-                namespace,
-                name,
-            } => (*kind, namespace.clone(), name.clone(), "scale"),
+            Target::Object { kind, namespace, name } => (*kind, namespace.clone(), name.clone(), ""),
+            Target::Scale { kind, namespace, name } => (*kind, namespace.clone(), name.clone(), "scale"),
             _ => return None,
         };
         Some(Attributes {
@@ -158,13 +129,12 @@ impl ApiRequest {
     /// What a 403 (or an injected fault) for this request names.
     pub(crate) fn refused<'a>(&'a self, attributes: Option<&'a Attributes>) -> Refused<'a> {
         let resource = match &self.target {
-            Target::Collection { kind, .. }
-            | Target::Object { kind, .. }
-            | Target::Scale { kind, .. } => Some(kind.group_resource()),
-            Target::AccessReview => Some(GroupResource {
-                group: "authorization.k8s.io",
-                resource: "selfsubjectaccessreviews",
-            }),
+            Target::Collection { kind, .. } | Target::Object { kind, .. } | Target::Scale { kind, .. } => {
+                Some(kind.group_resource())
+            }
+            Target::AccessReview => {
+                Some(GroupResource { group: "authorization.k8s.io", resource: "selfsubjectaccessreviews" })
+            }
             _ => None,
         };
         Refused {
@@ -187,38 +157,18 @@ fn target(path: &str) -> Target {
         ["apis", "apps", "v1"] => Target::Discovery(Discovery::AppsV1),
         ["apis", "authorization.k8s.io", "v1"] => Target::Discovery(Discovery::AuthorizationV1),
         ["healthz" | "livez" | "readyz"] => Target::Health,
-        [
-            "apis",
-            "authorization.k8s.io",
-            "v1",
-            "selfsubjectaccessreviews",
-        ] => Target::AccessReview,
-        ["apis", "apps", "v1", plural] => {
-            WorkloadKind::from_plural(plural).map_or(Target::Unknown, |kind| Target::Collection {
-                kind,
-                namespace: None,
-            })
-        }
+        ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] => Target::AccessReview,
+        ["apis", "apps", "v1", plural] => WorkloadKind::from_plural(plural)
+            .map_or(Target::Unknown, |kind| Target::Collection { kind, namespace: None }),
         ["apis", "apps", "v1", "namespaces", ns, plural, rest @ ..] if !ns.is_empty() => {
             let Some(kind) = WorkloadKind::from_plural(plural) else {
                 return Target::Unknown;
             };
             let namespace = (*ns).to_owned();
             match rest {
-                [] => Target::Collection {
-                    kind,
-                    namespace: Some(namespace),
-                },
-                [name] if !name.is_empty() => Target::Object {
-                    kind,
-                    namespace,
-                    name: (*name).to_owned(),
-                },
-                [name, "scale"] if !name.is_empty() => Target::Scale {
-                    kind,
-                    namespace,
-                    name: (*name).to_owned(),
-                },
+                [] => Target::Collection { kind, namespace: Some(namespace) },
+                [name] if !name.is_empty() => Target::Object { kind, namespace, name: (*name).to_owned() },
+                [name, "scale"] if !name.is_empty() => Target::Scale { kind, namespace, name: (*name).to_owned() },
                 _ => Target::Unknown,
             }
         }
@@ -241,10 +191,7 @@ mod tests {
         assert_eq!(attributes.verb, "patch");
         assert_eq!(attributes.subresource, "scale");
         assert_eq!(attributes.name, "web");
-        assert_eq!(
-            request.query.field_manager.as_deref(),
-            Some("matrix-k8s-toggle")
-        );
+        assert_eq!(request.query.field_manager.as_deref(), Some("matrix-k8s-toggle"));
     }
 
     #[test]
@@ -255,10 +202,7 @@ mod tests {
             "watch=true&fieldSelector=metadata.name%3Ddb&resourceVersion=5&timeoutSeconds=10",
         );
         let attributes = request.attributes().unwrap();
-        assert_eq!(
-            (attributes.verb.as_str(), attributes.name.as_str()),
-            ("watch", "db")
-        );
+        assert_eq!((attributes.verb.as_str(), attributes.name.as_str()), ("watch", "db"));
         assert_eq!(request.query.resource_version.as_deref(), Some("5"));
         assert_eq!(request.query.timeout_seconds, Some(10));
     }

@@ -47,10 +47,7 @@ mod tests {
             content_type: None,
             body: String::new(),
         };
-        assert_eq!(
-            request.query_param("fieldSelector").as_deref(),
-            Some("metadata.name=web")
-        );
+        assert_eq!(request.query_param("fieldSelector").as_deref(), Some("metadata.name=web"));
         assert_eq!(request.query_param("watch"), None);
     }
 }

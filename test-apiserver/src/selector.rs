@@ -33,20 +33,14 @@ impl FieldSelector {
             } else if let Some((f, v)) = term.split_once('=') {
                 (f, true, v)
             } else {
-                return Err(format!(
-                    "invalid selector: '{text}'; can't understand '{term}'"
-                ));
+                return Err(format!("invalid selector: '{text}'; can't understand '{term}'"));
             };
             let field = match field.trim() {
                 "metadata.name" => Field::Name,
                 "metadata.namespace" => Field::Namespace,
                 other => return Err(format!("field label not supported: {other}")),
             };
-            terms.push(FieldTerm {
-                field,
-                equal,
-                value: value.trim().to_owned(),
-            });
+            terms.push(FieldTerm { field, equal, value: value.trim().to_owned() });
         }
         Ok(Self { terms })
     }
@@ -63,10 +57,7 @@ impl FieldSelector {
 
     /// The name an exact `metadata.name=` term pins, which RBAC then checks against.
     pub(crate) fn exact_name(&self) -> Option<&str> {
-        self.terms
-            .iter()
-            .find(|t| t.field == Field::Name && t.equal)
-            .map(|t| t.value.as_str())
+        self.terms.iter().find(|t| t.field == Field::Name && t.equal).map(|t| t.value.as_str())
     }
 }
 
@@ -93,10 +84,7 @@ impl LabelSelector {
             .into_iter()
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .map(|term| {
-                parse_requirement(term)
-                    .ok_or_else(|| format!("unable to parse requirement: {term:?}"))
-            })
+            .map(|term| parse_requirement(term).ok_or_else(|| format!("unable to parse requirement: {term:?}")))
             .collect::<Result<_, _>>()?;
         Ok(Self { requirements })
     }
@@ -143,23 +131,15 @@ fn parse_requirement(term: &str) -> Option<Requirement> {
         return Some(Requirement::In(key.trim().to_owned(), set(rest)?));
     }
     if let Some((k, v)) = term.split_once("!=") {
-        return Some(Requirement::NotEquals(
-            k.trim().to_owned(),
-            v.trim().to_owned(),
-        ));
+        return Some(Requirement::NotEquals(k.trim().to_owned(), v.trim().to_owned()));
     }
     if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-        return Some(Requirement::Equals(
-            k.trim().to_owned(),
-            v.trim().to_owned(),
-        ));
+        return Some(Requirement::Equals(k.trim().to_owned(), v.trim().to_owned()));
     }
     if let Some(key) = term.strip_prefix('!') {
         return Some(Requirement::NotExists(key.trim().to_owned()));
     }
-    let valid = term
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let valid = term.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
     valid.then(|| Requirement::Exists(term.to_owned()))
 }
 
@@ -177,18 +157,12 @@ mod tests {
 
     #[test]
     fn an_unsupported_field_is_refused_with_the_real_message() {
-        assert_eq!(
-            FieldSelector::parse("spec.replicas=1"),
-            Err("field label not supported: spec.replicas".to_owned())
-        );
+        assert_eq!(FieldSelector::parse("spec.replicas=1"), Err("field label not supported: spec.replicas".to_owned()));
     }
 
     #[test]
     fn label_selectors_support_equality_sets_and_existence() {
-        let labels = BTreeMap::from([
-            ("app".to_owned(), "web".to_owned()),
-            ("tier".to_owned(), "front".to_owned()),
-        ]);
+        let labels = BTreeMap::from([("app".to_owned(), "web".to_owned()), ("tier".to_owned(), "front".to_owned())]);
         for (selector, expected) in [
             ("app=web", true),
             ("app==web,tier!=back", true),
@@ -197,11 +171,7 @@ mod tests {
             ("missing", false),
             ("", true),
         ] {
-            assert_eq!(
-                LabelSelector::parse(selector).unwrap().matches(&labels),
-                expected,
-                "{selector}"
-            );
+            assert_eq!(LabelSelector::parse(selector).unwrap().matches(&labels), expected, "{selector}");
         }
     }
 }

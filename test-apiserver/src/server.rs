@@ -74,12 +74,7 @@ impl TestApiServer {
             }
         });
         tracing::info!(%addr, "test apiserver listening");
-        Ok(Self {
-            cluster,
-            addr,
-            server: Some(server),
-            controller: Some(controller),
-        })
+        Ok(Self { cluster, addr, server: Some(server), controller: Some(controller) })
     }
 
     /// The address it listens on.
@@ -172,12 +167,7 @@ impl TestApiServer {
     }
 
     /// `metadata.annotations` of a workload.
-    pub fn annotations(
-        &self,
-        kind: WorkloadKind,
-        namespace: &str,
-        name: &str,
-    ) -> Option<BTreeMap<String, String>> {
+    pub fn annotations(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
         self.cluster.annotations(kind, namespace, name)
     }
 
@@ -189,15 +179,9 @@ impl TestApiServer {
     /// Stops accepting connections, ends open watches, and waits (up to 5s) for the rest.
     pub async fn shutdown(mut self) {
         self.cluster.stop();
-        for handle in [self.server.take(), self.controller.take()]
-            .into_iter()
-            .flatten()
-        {
+        for handle in [self.server.take(), self.controller.take()].into_iter().flatten() {
             let abort = handle.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), handle)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(5), handle).await.is_err() {
                 abort.abort();
             }
         }

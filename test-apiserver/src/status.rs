@@ -12,8 +12,7 @@ const PATCH_MEDIA_TYPES: &str = "application/json-patch+json, application/merge-
      application/strategic-merge-patch+json, application/apply-patch+yaml";
 
 /// Body content types a built-in resource accepts for PUT and POST.
-const BODY_MEDIA_TYPES: &str =
-    "application/json, application/yaml, application/vnd.kubernetes.protobuf";
+const BODY_MEDIA_TYPES: &str = "application/json, application/yaml, application/vnd.kubernetes.protobuf";
 
 /// A `kind: Status` failure body and the HTTP status it travels with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -71,20 +70,11 @@ pub(crate) struct GroupResource {
 
 impl GroupResource {
     fn qualified(self) -> String {
-        if self.group.is_empty() {
-            self.resource.to_owned()
-        } else {
-            format!("{}.{}", self.resource, self.group)
-        }
+        if self.group.is_empty() { self.resource.to_owned() } else { format!("{}.{}", self.resource, self.group) }
     }
 
     fn details(self, name: &str) -> Details {
-        Details {
-            name: name.to_owned(),
-            group: self.group,
-            kind: self.resource.to_owned(),
-            ..Details::default()
-        }
+        Details { name: name.to_owned(), group: self.group, kind: self.resource.to_owned(), ..Details::default() }
     }
 }
 
@@ -125,22 +115,14 @@ impl Status {
 
     /// 404 for a named object that does not exist.
     pub(crate) fn not_found(resource: GroupResource, name: &str) -> Self {
-        Self::failure(
-            404,
-            "NotFound",
-            format!("{} \"{name}\" not found", resource.qualified()),
-        )
-        .with_details(resource.details(name))
+        Self::failure(404, "NotFound", format!("{} \"{name}\" not found", resource.qualified()))
+            .with_details(resource.details(name))
     }
 
     /// 404 for a path the server does not serve.
     pub(crate) fn path_not_found() -> Self {
-        Self::failure(
-            404,
-            "NotFound",
-            "the server could not find the requested resource".to_owned(),
-        )
-        .with_details(Details::default())
+        Self::failure(404, "NotFound", "the server could not find the requested resource".to_owned())
+            .with_details(Details::default())
     }
 
     /// 401 for a missing or wrong bearer token.
@@ -154,10 +136,7 @@ impl Status {
             return Self::failure(
                 403,
                 "Forbidden",
-                format!(
-                    "forbidden: User \"{USER}\" cannot {} path \"{}\"",
-                    refused.verb, refused.path
-                ),
+                format!("forbidden: User \"{USER}\" cannot {} path \"{}\"", refused.verb, refused.path),
             )
             .with_details(Details::default());
         };
@@ -178,11 +157,7 @@ impl Status {
         let message = if refused.name.is_empty() {
             format!("{} is forbidden: {why}", resource.qualified())
         } else {
-            format!(
-                "{} \"{}\" is forbidden: {why}",
-                resource.qualified(),
-                refused.name
-            )
+            format!("{} \"{}\" is forbidden: {why}", resource.qualified(), refused.name)
         };
         Self::failure(403, "Forbidden", message).with_details(resource.details(refused.name))
     }
@@ -202,12 +177,7 @@ impl Status {
     }
 
     /// 422 for a negative `spec.replicas`; `kind` is e.g. `Scale` in group `autoscaling`.
-    pub(crate) fn invalid_replicas(
-        group: &'static str,
-        kind: &'static str,
-        name: &str,
-        replicas: i64,
-    ) -> Self {
+    pub(crate) fn invalid_replicas(group: &'static str, kind: &'static str, name: &str, replicas: i64) -> Self {
         Self::invalid(
             group,
             kind,
@@ -225,22 +195,15 @@ impl Status {
         field: &'static str,
         cause: String,
     ) -> Self {
-        Self::failure(
-            422,
-            "Invalid",
-            format!("{kind}.{group} \"{name}\" is invalid: {field}: {cause}"),
+        Self::failure(422, "Invalid", format!("{kind}.{group} \"{name}\" is invalid: {field}: {cause}")).with_details(
+            Details {
+                name: name.to_owned(),
+                group,
+                kind: kind.to_owned(),
+                causes: vec![Cause { reason: "FieldValueInvalid", message: cause, field }],
+                ..Details::default()
+            },
         )
-        .with_details(Details {
-            name: name.to_owned(),
-            group,
-            kind: kind.to_owned(),
-            causes: vec![Cause {
-                reason: "FieldValueInvalid",
-                message: cause,
-                field,
-            }],
-            ..Details::default()
-        })
     }
 
     /// 415 for a PATCH whose content type is not a patch format.
@@ -282,63 +245,32 @@ impl Status {
 
     /// 410, sent inside a watch stream for a resourceVersion that was compacted away.
     pub(crate) fn expired(requested: u64, oldest: u64) -> Self {
-        Self::failure(
-            410,
-            "Expired",
-            format!("too old resource version: {requested} ({oldest})"),
-        )
+        Self::failure(410, "Expired", format!("too old resource version: {requested} ({oldest})"))
     }
 
     /// 429 as the storage layer's `NewTooManyRequests`.
     pub(crate) fn too_many_requests() -> Self {
-        Self::failure(
-            429,
-            "TooManyRequests",
-            "Too many requests, please try again later.".to_owned(),
-        )
-        .with_details(Details {
-            retry_after_seconds: Some(1),
-            ..Details::default()
-        })
+        Self::failure(429, "TooManyRequests", "Too many requests, please try again later.".to_owned())
+            .with_details(Details { retry_after_seconds: Some(1), ..Details::default() })
     }
 
     /// 500 as `NewInternalError`.
     pub(crate) fn internal(cause: &str) -> Self {
-        Self::failure(
-            500,
-            "InternalError",
-            format!("Internal error occurred: {cause}"),
-        )
-        .with_details(Details {
-            causes: vec![Cause {
-                reason: "",
-                message: cause.to_owned(),
-                field: "",
-            }],
+        Self::failure(500, "InternalError", format!("Internal error occurred: {cause}")).with_details(Details {
+            causes: vec![Cause { reason: "", message: cause.to_owned(), field: "" }],
             ..Details::default()
         })
     }
 
     /// 503 as `NewServiceUnavailable`.
     pub(crate) fn service_unavailable() -> Self {
-        Self::failure(
-            503,
-            "ServiceUnavailable",
-            "the server is currently unable to handle the request".to_owned(),
-        )
+        Self::failure(503, "ServiceUnavailable", "the server is currently unable to handle the request".to_owned())
     }
 
     /// 504 as `NewTimeoutError`.
     pub(crate) fn timeout() -> Self {
-        Self::failure(
-            504,
-            "Timeout",
-            "Timeout: request did not complete within the allotted timeout".to_owned(),
-        )
-        .with_details(Details {
-            retry_after_seconds: Some(1),
-            ..Details::default()
-        })
+        Self::failure(504, "Timeout", "Timeout: request did not complete within the allotted timeout".to_owned())
+            .with_details(Details { retry_after_seconds: Some(1), ..Details::default() })
     }
 
     /// A body for an injected fault of any code.
@@ -374,9 +306,7 @@ impl IntoResponse for Status {
         let retry = matches!(self.code, 429 | 503);
         let mut response = (code, axum::Json(self)).into_response();
         if retry {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -387,10 +317,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const DEPLOYMENTS: GroupResource = GroupResource {
-        group: "apps",
-        resource: "deployments",
-    };
+    const DEPLOYMENTS: GroupResource = GroupResource { group: "apps", resource: "deployments" };
 
     #[test]
     fn not_found_matches_the_real_body() {
@@ -420,14 +347,8 @@ mod tests {
 
     #[test]
     fn forbidden_list_at_cluster_scope_has_no_name() {
-        let refused = Refused {
-            verb: "list",
-            resource: Some(DEPLOYMENTS),
-            subresource: "",
-            namespace: "",
-            name: "",
-            path: "",
-        };
+        let refused =
+            Refused { verb: "list", resource: Some(DEPLOYMENTS), subresource: "", namespace: "", name: "", path: "" };
         let body = Status::forbidden(&refused).to_json();
         assert_eq!(
             body["message"],
@@ -435,10 +356,7 @@ mod tests {
                 "deployments.apps is forbidden: User \"system:serviceaccount:toggle:matrix-k8s-toggle\" cannot list resource \"deployments\" in API group \"apps\" at the cluster scope"
             )
         );
-        assert_eq!(
-            body["details"],
-            json!({"group": "apps", "kind": "deployments"})
-        );
+        assert_eq!(body["details"], json!({"group": "apps", "kind": "deployments"}));
     }
 
     #[test]

@@ -30,11 +30,7 @@ pub(crate) struct Key {
 
 impl Key {
     pub(crate) fn new(kind: WorkloadKind, namespace: &str, name: &str) -> Self {
-        Self {
-            kind,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        }
+        Self { kind, namespace: namespace.to_owned(), name: name.to_owned() }
     }
 }
 
@@ -83,9 +79,7 @@ pub(crate) struct Filter {
 
 impl Filter {
     pub(crate) fn matches(&self, key: &Key, labels: &BTreeMap<String, String>) -> bool {
-        self.namespace
-            .as_ref()
-            .is_none_or(|ns| *ns == key.namespace)
+        self.namespace.as_ref().is_none_or(|ns| *ns == key.namespace)
             && self.fields.matches(&key.namespace, &key.name)
             && self.labels.matches(labels)
     }
@@ -103,10 +97,7 @@ pub(crate) struct Write<'a> {
 /// Where a watch starts.
 pub(crate) enum WatchStart {
     /// Synthetic ADDED events for what exists at `resource_version`, then changes.
-    Now {
-        events: Vec<Arc<Event>>,
-        resource_version: u64,
-    },
+    Now { events: Vec<Arc<Event>>, resource_version: u64 },
     /// Changes after a resourceVersion, replayed from history.
     Replay(Vec<Arc<Event>>),
     /// The resourceVersion was compacted away: (requested, oldest kept).
@@ -127,9 +118,7 @@ pub(crate) struct Store {
 
 impl Store {
     pub(crate) fn new(mode: ControllerMode) -> Self {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         Self {
             resource_version: 0,
             objects: BTreeMap::new(),
@@ -187,25 +176,11 @@ impl Store {
             return;
         }
         let uid = self.next_uid();
-        let mut object = Workload::new(
-            key.kind,
-            Created {
-                namespace: &key.namespace,
-                name: &key.name,
-                replicas,
-                uid,
-                now,
-            },
-        );
+        let mut object =
+            Workload::new(key.kind, Created { namespace: &key.namespace, name: &key.name, replicas, uid, now });
         let settled = Observed::settled(&object);
         controller::apply(&mut object, &settled, now);
-        self.objects.insert(
-            key.clone(),
-            Entry {
-                object,
-                rollout: None,
-            },
-        );
+        self.objects.insert(key.clone(), Entry { object, rollout: None });
         self.commit(key, EventType::Added);
     }
 
@@ -221,12 +196,7 @@ impl Store {
 
     /// The one write path: keeps server-owned fields, validates, bumps `generation` when the
     /// spec changes, skips no-op writes (no new resourceVersion, no event) and starts a rollout.
-    pub(crate) fn write(
-        &mut self,
-        key: &Key,
-        mut candidate: Workload,
-        write: Write<'_>,
-    ) -> Result<Workload, Status> {
+    pub(crate) fn write(&mut self, key: &Key, mut candidate: Workload, write: Write<'_>) -> Result<Workload, Status> {
         let not_found = || Status::not_found(key.kind.group_resource(), &key.name);
         let current = self.get(key).ok_or_else(not_found)?.clone();
         {
@@ -243,12 +213,7 @@ impl Store {
         candidate.default_fields();
         let replicas = candidate.spec_replicas();
         if replicas < 0 {
-            return Err(Status::invalid_replicas(
-                "apps",
-                key.kind.kind(),
-                &key.name,
-                replicas.into(),
-            ));
+            return Err(Status::invalid_replicas("apps", key.kind.kind(), &key.name, replicas.into()));
         }
         if candidate == current {
             return Ok(current);
@@ -306,13 +271,7 @@ impl Store {
                     .collect(),
             },
             Some(rv) if rv < self.oldest => WatchStart::Expired(rv, self.oldest),
-            Some(rv) => WatchStart::Replay(
-                self.history
-                    .iter()
-                    .filter(|e| e.resource_version > rv)
-                    .cloned()
-                    .collect(),
-            ),
+            Some(rv) => WatchStart::Replay(self.history.iter().filter(|e| e.resource_version > rv).cloned().collect()),
         };
         (start, receiver)
     }
@@ -326,12 +285,7 @@ impl Store {
     /// Advances every rollout to `now`; returns when the next one is due.
     pub(crate) fn reconcile(&mut self, now: Instant) -> Option<Instant> {
         let wall = self::now();
-        let due: Vec<Key> = self
-            .objects
-            .iter()
-            .filter(|(_, e)| e.rollout.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
+        let due: Vec<Key> = self.objects.iter().filter(|(_, e)| e.rollout.is_some()).map(|(k, _)| k.clone()).collect();
         let mut next: Option<Instant> = None;
         for key in due {
             let Some(entry) = self.objects.get_mut(&key) else {
@@ -385,11 +339,8 @@ impl Store {
 
 /// Wall-clock time at the one-second precision the API serialises.
 pub(crate) fn now() -> Timestamp {
-    let seconds = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Timestamp::from_second(i64::try_from(seconds).unwrap_or_default())
-        .unwrap_or(Timestamp::UNIX_EPOCH)
+    let seconds = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Timestamp::from_second(i64::try_from(seconds).unwrap_or_default()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// Adds or extends `manager`'s `Update` entry in `managedFields`.
@@ -432,12 +383,7 @@ mod tests {
     }
 
     fn write(manager: &str) -> Write<'_> {
-        Write {
-            manager,
-            subresource: None,
-            fields: json!({"f:spec": {"f:replicas": {}}}),
-            dry_run: false,
-        }
+        Write { manager, subresource: None, fields: json!({"f:spec": {"f:replicas": {}}}), dry_run: false }
     }
 
     #[test]
@@ -464,14 +410,8 @@ mod tests {
         let (mut store, key) = store_with_web();
         let mut candidate = store.get(&key).unwrap().clone();
         candidate.set_spec_replicas(5);
-        let dry = Write {
-            dry_run: true,
-            ..write("test")
-        };
-        assert_eq!(
-            store.write(&key, candidate, dry).unwrap().spec_replicas(),
-            5
-        );
+        let dry = Write { dry_run: true, ..write("test") };
+        assert_eq!(store.write(&key, candidate, dry).unwrap().spec_replicas(), 5);
         assert_eq!(store.get(&key).unwrap().spec_replicas(), 1);
     }
 
@@ -489,9 +429,7 @@ mod tests {
         let (mut store, key) = store_with_web();
         let mut candidate = store.get(&key).unwrap().clone();
         candidate.set_spec_replicas(3);
-        let written = store
-            .write(&key, candidate, write("matrix-k8s-toggle"))
-            .unwrap();
+        let written = store.write(&key, candidate, write("matrix-k8s-toggle")).unwrap();
         let entries = written.meta().managed_fields.clone().unwrap();
         assert_eq!(entries[0].manager.as_deref(), Some("matrix-k8s-toggle"));
     }

@@ -44,10 +44,7 @@ fn bookmark(kind: WorkloadKind, resource_version: u64, initial_events_end: bool)
     if initial_events_end {
         metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    line(
-        "BOOKMARK",
-        &json!({"kind": kind.kind(), "apiVersion": "apps/v1", "metadata": metadata}),
-    )
+    line("BOOKMARK", &json!({"kind": kind.kind(), "apiVersion": "apps/v1", "metadata": metadata}))
 }
 
 /// What one watch wants.
@@ -61,24 +58,16 @@ struct Watch {
 }
 
 /// Starts a watch and answers 200 with its stream.
-pub(crate) fn serve(
-    cluster: &Cluster,
-    kind: WorkloadKind,
-    filter: Filter,
-    query: &Query,
-) -> Result<Response, Status> {
+pub(crate) fn serve(cluster: &Cluster, kind: WorkloadKind, filter: Filter, query: &Query) -> Result<Response, Status> {
     let from = match query.resource_version.as_deref() {
         _ if query.send_initial_events => None,
         None | Some("0") => None,
-        Some(rv) => Some(
-            rv.parse::<u64>()
-                .map_err(|_| Status::bad_request(format!("invalid resource version: {rv}")))?,
-        ),
+        Some(rv) => {
+            Some(rv.parse::<u64>().map_err(|_| Status::bad_request(format!("invalid resource version: {rv}")))?)
+        }
     };
     let (start, events) = cluster.store().watch(kind, &filter, from);
-    let timeout = query
-        .timeout_seconds
-        .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
+    let timeout = query.timeout_seconds.map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
     let watch = Watch {
         kind,
         filter,
@@ -89,10 +78,9 @@ pub(crate) fn serve(
     };
     let (lines, receiver) = mpsc::channel::<Bytes>(64);
     tokio::spawn(stream(cluster.clone(), watch, start, lines));
-    let body = Body::from_stream(futures_util::stream::unfold(
-        receiver,
-        |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) },
-    ));
+    let body = Body::from_stream(futures_util::stream::unfold(receiver, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    }));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
@@ -107,10 +95,7 @@ async fn stream(cluster: Cluster, mut watch: Watch, start: WatchStart, lines: mp
             let _ = send(&lines, line("ERROR", &error)).await;
             return;
         }
-        WatchStart::Now {
-            events,
-            resource_version,
-        } => (events, Some(resource_version)),
+        WatchStart::Now { events, resource_version } => (events, Some(resource_version)),
         WatchStart::Replay(events) => (events, None),
     };
     for event in initial {
@@ -124,10 +109,8 @@ async fn stream(cluster: Cluster, mut watch: Watch, start: WatchStart, lines: mp
         return;
     }
     let timeout = watch.deadline.saturating_duration_since(Instant::now());
-    let mut last_bookmark = watch
-        .deadline
-        .checked_sub(Duration::from_secs(2).min(timeout / 2))
-        .filter(|_| watch.bookmarks);
+    let mut last_bookmark =
+        watch.deadline.checked_sub(Duration::from_secs(2).min(timeout / 2)).filter(|_| watch.bookmarks);
     let mut heartbeat = Instant::now() + BOOKMARK_EVERY;
     let stopped = cluster.stopped();
     tokio::pin!(stopped);
@@ -165,11 +148,7 @@ async fn send(lines: &mpsc::Sender<Bytes>, bytes: Bytes) -> Result<(), Closed> {
     lines.send(bytes).await.map_err(|_| Closed)
 }
 
-async fn send_event(
-    watch: &Watch,
-    lines: &mpsc::Sender<Bytes>,
-    event: &Event,
-) -> Result<(), Closed> {
+async fn send_event(watch: &Watch, lines: &mpsc::Sender<Bytes>, event: &Event) -> Result<(), Closed> {
     if event.key.kind != watch.kind || !watch.filter.matches(&event.key, &event.labels) {
         return Ok(());
     }
@@ -178,11 +157,7 @@ async fn send_event(
 
 /// Sends what is already queued, then a BOOKMARK at the current resourceVersion, so the
 /// bookmark never overtakes an event older than it.
-async fn send_bookmark(
-    cluster: &Cluster,
-    watch: &mut Watch,
-    lines: &mpsc::Sender<Bytes>,
-) -> Result<(), Closed> {
+async fn send_bookmark(cluster: &Cluster, watch: &mut Watch, lines: &mpsc::Sender<Bytes>) -> Result<(), Closed> {
     let rv = cluster.resource_version();
     loop {
         match watch.events.try_recv() {

@@ -52,10 +52,7 @@ impl WorkloadKind {
     }
 
     pub(crate) fn group_resource(self) -> GroupResource {
-        GroupResource {
-            group: "apps",
-            resource: self.plural(),
-        }
+        GroupResource { group: "apps", resource: self.plural() }
     }
 }
 
@@ -120,21 +117,12 @@ impl FromStr for WorkloadSeed {
         if namespace.is_empty() || name.is_empty() || name.contains('/') {
             return Err(shape());
         }
-        let replicas: i32 = replicas.parse().map_err(|e| WorkloadSeedError::Replicas {
-            text: text.to_owned(),
-            source: Some(e),
-        })?;
+        let replicas: i32 =
+            replicas.parse().map_err(|e| WorkloadSeedError::Replicas { text: text.to_owned(), source: Some(e) })?;
         if replicas < 0 {
-            return Err(WorkloadSeedError::Replicas {
-                text: text.to_owned(),
-                source: None,
-            });
+            return Err(WorkloadSeedError::Replicas { text: text.to_owned(), source: None });
         }
-        Ok(Self {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            replicas,
-        })
+        Ok(Self { namespace: namespace.to_owned(), name: name.to_owned(), replicas })
     }
 }
 
@@ -157,13 +145,7 @@ pub(crate) struct Created<'a> {
 impl Workload {
     /// A workload that has finished rolling out `replicas` ready pods.
     pub(crate) fn new(kind: WorkloadKind, created: Created<'_>) -> Self {
-        let Created {
-            namespace,
-            name,
-            replicas,
-            uid,
-            now,
-        } = created;
+        let Created { namespace, name, replicas, uid, now } = created;
         let time = serde_json::to_value(Time(now)).unwrap_or_default();
         let template = json!({
             "metadata": {"labels": {"app": name}},
@@ -212,10 +194,7 @@ impl Workload {
                     .metadata
                     .annotations
                     .get_or_insert_default()
-                    .insert(
-                        "deployment.kubernetes.io/revision".to_owned(),
-                        "1".to_owned(),
-                    );
+                    .insert("deployment.kubernetes.io/revision".to_owned(), "1".to_owned());
                 Self::Deployment(Box::new(deployment))
             }
             WorkloadKind::StatefulSet => Self::StatefulSet(Box::new(from_json(json!({
@@ -241,19 +220,10 @@ impl Workload {
     /// Reads an object of `kind` from a request body or a patched document.
     pub(crate) fn from_value(kind: WorkloadKind, value: Value) -> Result<Self, String> {
         let parsed = match kind {
-            WorkloadKind::Deployment => {
-                serde_json::from_value(value).map(|d| Self::Deployment(Box::new(d)))
-            }
-            WorkloadKind::StatefulSet => {
-                serde_json::from_value(value).map(|s| Self::StatefulSet(Box::new(s)))
-            }
+            WorkloadKind::Deployment => serde_json::from_value(value).map(|d| Self::Deployment(Box::new(d))),
+            WorkloadKind::StatefulSet => serde_json::from_value(value).map(|s| Self::StatefulSet(Box::new(s))),
         };
-        parsed.map_err(|e| {
-            format!(
-                "{kind} in version \"v1\" cannot be handled as a {kind}: {e}",
-                kind = kind.kind()
-            )
-        })
+        parsed.map_err(|e| format!("{kind} in version \"v1\" cannot be handled as a {kind}: {e}", kind = kind.kind()))
     }
 
     pub(crate) fn meta(&self) -> &ObjectMeta {
@@ -349,13 +319,7 @@ impl Workload {
         };
         selector
             .and_then(|s| s.match_labels.as_ref())
-            .map(|labels| {
-                labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
+            .map(|labels| labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
             .unwrap_or_default()
     }
 
@@ -390,13 +354,8 @@ impl Workload {
                 resource_version: meta.resource_version.clone().unwrap_or_default(),
                 creation_timestamp: meta.creation_timestamp.clone(),
             },
-            spec: ScaleSpec {
-                replicas: self.spec_replicas(),
-            },
-            status: ScaleStatus {
-                replicas: self.status_replicas(),
-                selector: self.selector(),
-            },
+            spec: ScaleSpec { replicas: self.spec_replicas() },
+            status: ScaleStatus { replicas: self.status_replicas(), selector: self.selector() },
         }
     }
 
@@ -419,13 +378,8 @@ pub(crate) fn nonzero(n: i32) -> Option<i32> {
 /// A hash in the alphabet `rand.SafeEncodeString` uses for `pod-template-hash`.
 fn pod_template_hash(text: &str) -> String {
     const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let hash = text.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    hash.to_string()
-        .bytes()
-        .map(|b| char::from(ALPHANUMS[usize::from(b) % ALPHANUMS.len()]))
-        .collect()
+    let hash = text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    hash.to_string().bytes().map(|b| char::from(ALPHANUMS[usize::from(b) % ALPHANUMS.len()])).collect()
 }
 
 fn from_json<T: serde::de::DeserializeOwned + Default>(value: Value) -> T {
@@ -493,13 +447,7 @@ mod tests {
     fn web(kind: WorkloadKind, replicas: i32) -> Workload {
         Workload::new(
             kind,
-            Created {
-                namespace: "apps",
-                name: "web",
-                replicas,
-                uid: "u".to_owned(),
-                now: Timestamp::UNIX_EPOCH,
-            },
+            Created { namespace: "apps", name: "web", replicas, uid: "u".to_owned(), now: Timestamp::UNIX_EPOCH },
         )
     }
 
@@ -507,20 +455,14 @@ mod tests {
     fn a_scale_with_zero_replicas_omits_spec_replicas_but_keeps_status_replicas() {
         let scale = web(WorkloadKind::Deployment, 0).scale().to_value();
         assert_eq!(scale["spec"], json!({}));
-        assert_eq!(
-            scale["status"],
-            json!({"replicas": 0, "selector": "app=web"})
-        );
+        assert_eq!(scale["status"], json!({"replicas": 0, "selector": "app=web"}));
     }
 
     #[test]
     fn a_deployment_keeps_zero_spec_replicas_because_it_is_a_pointer() {
         let value = web(WorkloadKind::Deployment, 0).to_value();
         assert_eq!(value["spec"]["replicas"], json!(0));
-        assert_eq!(
-            value["metadata"]["creationTimestamp"],
-            json!("1970-01-01T00:00:00Z")
-        );
+        assert_eq!(value["metadata"]["creationTimestamp"], json!("1970-01-01T00:00:00Z"));
     }
 
     #[test]
@@ -534,21 +476,14 @@ mod tests {
     fn revision_names_use_the_safe_alphabet() {
         let name = web(WorkloadKind::Deployment, 1).revision_name();
         let hash = name.strip_prefix("web-").unwrap();
-        assert!(
-            hash.chars()
-                .all(|c| "bcdfghjklmnpqrstvwxz2456789".contains(c))
-        );
+        assert!(hash.chars().all(|c| "bcdfghjklmnpqrstvwxz2456789".contains(c)));
     }
 
     #[test]
     fn seeds_parse_namespace_name_and_replicas() {
         assert_eq!(
             "clawdbot/clawdbot=0".parse(),
-            Ok(WorkloadSeed {
-                namespace: "clawdbot".to_owned(),
-                name: "clawdbot".to_owned(),
-                replicas: 0
-            })
+            Ok(WorkloadSeed { namespace: "clawdbot".to_owned(), name: "clawdbot".to_owned(), replicas: 0 })
         );
         for bad in ["clawdbot=0", "a/b", "/b=1", "a/b=-1", "a/b=x"] {
             assert!(bad.parse::<WorkloadSeed>().is_err(), "{bad}");

@@ -13,33 +13,19 @@ use super::{bridge_binary, eventually, free_port};
 pub fn generate_registration(dir: &Path, port: u16) -> PathBuf {
     let path = dir.join("registration.yaml");
     let out = Command::new(bridge_binary())
-        .args([
-            "generate-registration",
-            "--url",
-            &format!("http://127.0.0.1:{port}"),
-            "--server-name",
-            "localhost",
-        ])
+        .args(["generate-registration", "--url", &format!("http://127.0.0.1:{port}"), "--server-name", "localhost"])
         .arg("-o")
         .arg(&path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "generate-registration: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "generate-registration: {}", String::from_utf8_lossy(&out.stderr));
     path
 }
 
 /// The hs_token and as_token of a registration file.
 pub fn tokens(registration: &Path) -> (String, String) {
-    let v: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(registration).unwrap()).unwrap();
-    (
-        v["hs_token"].as_str().unwrap().to_owned(),
-        v["as_token"].as_str().unwrap().to_owned(),
-    )
+    let v: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(registration).unwrap()).unwrap();
+    (v["hs_token"].as_str().unwrap().to_owned(), v["as_token"].as_str().unwrap().to_owned())
 }
 
 /// A running `matrix-k8s-toggle serve`; killed when dropped.
@@ -71,20 +57,12 @@ impl BridgeSetup {
         let registration = generate_registration(dir, port);
         let mut env = BTreeMap::new();
         env.insert("MATRIX_SERVER_NAME".into(), "localhost".into());
-        env.insert(
-            "REGISTRATION_PATH".into(),
-            registration.display().to_string(),
-        );
+        env.insert("REGISTRATION_PATH".into(), registration.display().to_string());
         env.insert("STATE_DIR".into(), dir.join("state").display().to_string());
         env.insert("LISTEN_ADDRESS".into(), format!("127.0.0.1:{port}"));
         env.insert("ALLOWED_USERS".into(), "@alice:localhost".into());
         env.insert("RUST_LOG".into(), "info,matrix_k8s_toggle=debug".into());
-        BridgeSetup {
-            dir: dir.to_owned(),
-            port,
-            registration,
-            env,
-        }
+        BridgeSetup { dir: dir.to_owned(), port, registration, env }
     }
 
     /// Sets an environment variable.
@@ -111,11 +89,7 @@ impl BridgeSetup {
 
 impl BridgeProcess {
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
         let child = Command::new(bridge_binary())
             .arg("serve")
             .env_clear()
@@ -129,21 +103,10 @@ impl BridgeProcess {
         let http = reqwest::Client::new();
         let url = format!("{}/healthz", self.url);
         let log_path = self.log_path.clone();
-        eventually(
-            Duration::from_secs(20),
-            "the bridge to serve /healthz",
-            || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    http.get(&url)
-                        .send()
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ())
-                }
-            },
-        )
+        eventually(Duration::from_secs(20), "the bridge to serve /healthz", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(&url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
         .await;
         let _ = log_path;
     }
@@ -151,9 +114,7 @@ impl BridgeProcess {
     /// Stops the process with SIGTERM and waits for it.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("bridge running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         child.wait().unwrap()
     }
 
@@ -179,17 +140,9 @@ impl BridgeProcess {
 
     /// The value of a Prometheus sample line starting with `prefix` (e.g. `name{label="x"}`), 0 if absent.
     pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = reqwest::get(format!("{}/metrics", self.url)).await.unwrap().text().await.unwrap();
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(prefix)
-                    .and_then(|rest| rest.trim().parse::<f64>().ok())
-            })
+            .find_map(|l| l.strip_prefix(prefix).and_then(|rest| rest.trim().parse::<f64>().ok()))
             .unwrap_or(0.0)
     }
 }

@@ -20,20 +20,11 @@ pub struct User {
 impl User {
     /// A user from a registration result.
     pub fn new(base: &str, user_id: String, token: String) -> Self {
-        User {
-            http: reqwest::Client::new(),
-            base: base.into(),
-            user_id,
-            token,
-            txn: Default::default(),
-        }
+        User { http: reqwest::Client::new(), base: base.into(), user_id, token, txn: Default::default() }
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -54,13 +45,7 @@ impl User {
         if encrypted {
             body["initial_state"] = json!([{ "type": "m.room.encryption", "state_key": "", "content": { "algorithm": "m.megolm.v1.aes-sha2" } }]);
         }
-        let v = self
-            .ok(
-                reqwest::Method::POST,
-                "/_matrix/client/v3/createRoom",
-                Some(body),
-            )
-            .await;
+        let v = self.ok(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(body)).await;
         v["room_id"].as_str().unwrap().to_owned()
     }
 
@@ -76,12 +61,7 @@ impl User {
 
     /// Joins `room`.
     pub async fn join(&self, room: &str) {
-        self.ok(
-            reqwest::Method::POST,
-            &format!("/_matrix/client/v3/join/{}", enc(room)),
-            Some(json!({})),
-        )
-        .await;
+        self.ok(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room)), Some(json!({}))).await;
     }
 
     /// Sends a text message and returns its event id.
@@ -90,11 +70,7 @@ impl User {
         let v = self
             .ok(
                 reqwest::Method::PUT,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/send/m.room.message/t{txn}-{}",
-                    enc(room),
-                    std::process::id()
-                ),
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t{txn}-{}", enc(room), std::process::id()),
                 Some(json!({ "msgtype": "m.text", "body": body })),
             )
             .await;
@@ -106,11 +82,7 @@ impl User {
         let (status, v) = self
             .call(
                 reqwest::Method::GET,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
-                    enc(room),
-                    enc(user)
-                ),
+                &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(room), enc(user)),
                 None,
             )
             .await;
@@ -122,10 +94,7 @@ impl User {
         let v = self
             .ok(
                 reqwest::Method::GET,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}",
-                    enc(room)
-                ),
+                &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit={limit}", enc(room)),
                 None,
             )
             .await;
@@ -144,46 +113,24 @@ impl User {
     }
 
     /// Waits until `sender` has sent `count` messages into `room`; returns them.
-    pub async fn wait_for_messages(
-        &self,
-        room: &str,
-        sender: &str,
-        count: usize,
-        timeout: Duration,
-    ) -> Vec<Value> {
-        eventually(
-            timeout,
-            &format!("{count} message(s) from {sender}"),
-            || async {
-                let m = self.messages_from(room, sender).await;
-                (m.len() >= count).then_some(m)
-            },
-        )
+    pub async fn wait_for_messages(&self, room: &str, sender: &str, count: usize, timeout: Duration) -> Vec<Value> {
+        eventually(timeout, &format!("{count} message(s) from {sender}"), || async {
+            let m = self.messages_from(room, sender).await;
+            (m.len() >= count).then_some(m)
+        })
         .await
     }
 
     /// Waits until `user`'s membership in `room` is `membership`.
-    pub async fn wait_for_membership(
-        &self,
-        room: &str,
-        user: &str,
-        membership: &str,
-        timeout: Duration,
-    ) {
-        eventually(
-            timeout,
-            &format!("{user} to be {membership} in {room}"),
-            || async {
-                (self.membership(room, user).await.as_deref() == Some(membership)).then_some(())
-            },
-        )
+    pub async fn wait_for_membership(&self, room: &str, user: &str, membership: &str, timeout: Duration) {
+        eventually(timeout, &format!("{user} to be {membership} in {room}"), || async {
+            (self.membership(room, user).await.as_deref() == Some(membership)).then_some(())
+        })
         .await
     }
 }
 
 /// Percent-encodes a path segment.
 pub fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
 }

@@ -19,11 +19,7 @@ pub fn repo_root() -> &'static Path {
 
 /// A port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `timeout`.
@@ -48,10 +44,7 @@ where
 pub fn scratch_dir() -> tempfile::TempDir {
     let base = repo_root().join("target").join("test-scratch");
     std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new()
-        .prefix("t")
-        .tempdir_in(&base)
-        .unwrap()
+    tempfile::Builder::new().prefix("t").tempdir_in(&base).unwrap()
 }
 
 /// Path of our binary under test.

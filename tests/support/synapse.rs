@@ -23,14 +23,8 @@ fn script(name: &str) -> PathBuf {
 pub fn ensure_venv() -> &'static Path {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
     VENV.get_or_init(|| {
-        let out = Command::new(script("synapse-venv.sh"))
-            .output()
-            .expect("running synapse-venv.sh");
-        assert!(
-            out.status.success(),
-            "synapse-venv.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(script("synapse-venv.sh")).output().expect("running synapse-venv.sh");
+        assert!(out.status.success(), "synapse-venv.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
 }
@@ -59,10 +53,7 @@ impl Synapse {
         ]));
         let synapse = Synapse {
             url: format!("http://127.0.0.1:{port}"),
-            shared_secret: std::fs::read_to_string(dir.join("shared_secret"))
-                .unwrap()
-                .trim()
-                .to_owned(),
+            shared_secret: std::fs::read_to_string(dir.join("shared_secret")).unwrap().trim().to_owned(),
             dir,
         };
         run(Command::new(script("synapse.sh")).args(["start", synapse.dir.to_str().unwrap()]));
@@ -87,10 +78,7 @@ impl Synapse {
         let nonce = nonce["nonce"].as_str().unwrap().to_owned();
         let password = format!("pw-{localpart}-secret");
         let mut mac = Hmac::<Sha1>::new_from_slice(self.shared_secret.as_bytes()).unwrap();
-        for (i, part) in [nonce.as_str(), localpart, password.as_str(), "notadmin"]
-            .iter()
-            .enumerate()
-        {
+        for (i, part) in [nonce.as_str(), localpart, password.as_str(), "notadmin"].iter().enumerate() {
             if i > 0 {
                 mac.update(b"\x00");
             }
@@ -107,10 +95,7 @@ impl Synapse {
         let status = resp.status();
         let v: Value = resp.json().await.unwrap();
         assert!(status.is_success(), "registering {localpart}: {v}");
-        (
-            v["user_id"].as_str().unwrap().to_owned(),
-            v["access_token"].as_str().unwrap().to_owned(),
-        )
+        (v["user_id"].as_str().unwrap().to_owned(), v["access_token"].as_str().unwrap().to_owned())
     }
 
     /// The homeserver log so far.
@@ -121,9 +106,7 @@ impl Synapse {
 
 impl Drop for Synapse {
     fn drop(&mut self) {
-        let _ = Command::new(script("synapse.sh"))
-            .args(["stop", self.dir.to_str().unwrap()])
-            .output();
+        let _ = Command::new(script("synapse.sh")).args(["stop", self.dir.to_str().unwrap()]).output();
     }
 }
 

@@ -21,50 +21,30 @@ async fn a_missing_statefulset_scale_is_a_404_naming_statefulsets() {
     let harness = Harness::start().await;
     let reply = harness.get(&format!("{STATEFULSETS}/nope/scale")).await;
     assert_eq!(reply.code, 404);
-    assert_eq!(
-        reply.json()["message"],
-        json!("statefulsets.apps \"nope\" not found")
-    );
-    assert_eq!(
-        reply.json()["details"],
-        json!({"name": "nope", "group": "apps", "kind": "statefulsets"})
-    );
+    assert_eq!(reply.json()["message"], json!("statefulsets.apps \"nope\" not found"));
+    assert_eq!(reply.json()["details"], json!({"name": "nope", "group": "apps", "kind": "statefulsets"}));
 }
 
 #[tokio::test]
 async fn an_unknown_path_is_the_generic_404() {
     let harness = Harness::start().await;
-    let reply = harness
-        .get("/apis/apps/v1/namespaces/bots/replicasets")
-        .await;
+    let reply = harness.get("/apis/apps/v1/namespaces/bots/replicasets").await;
     assert_eq!(reply.code, 404);
-    assert_eq!(
-        reply.json()["message"],
-        json!("the server could not find the requested resource")
-    );
+    assert_eq!(reply.json()["message"], json!("the server could not find the requested resource"));
 }
 
 #[tokio::test]
 async fn the_scale_body_has_the_real_shape_and_omits_zero_spec_replicas() {
     let harness = Harness::start().await;
-    let scale = harness
-        .get(&format!("{DEPLOYMENTS}/web/scale"))
-        .await
-        .json();
+    let scale = harness.get(&format!("{DEPLOYMENTS}/web/scale")).await.json();
     let meta = &scale["metadata"];
     assert_eq!(scale["kind"], json!("Scale"));
     assert_eq!(scale["apiVersion"], json!("autoscaling/v1"));
-    assert_eq!(
-        (&meta["name"], &meta["namespace"]),
-        (&json!("web"), &json!("bots"))
-    );
+    assert_eq!((&meta["name"], &meta["namespace"]), (&json!("web"), &json!("bots")));
     assert!(meta["uid"].is_string() && meta["resourceVersion"].is_string());
     assert!(meta["creationTimestamp"].as_str().unwrap().ends_with('Z'));
     assert_eq!(scale["spec"], json!({}));
-    assert_eq!(
-        scale["status"],
-        json!({"replicas": 0, "selector": "app=web"})
-    );
+    assert_eq!(scale["status"], json!({"replicas": 0, "selector": "app=web"}));
 }
 
 #[tokio::test]
@@ -73,17 +53,8 @@ async fn a_scaled_down_deployment_omits_its_zero_status_counts() {
     let deployment = harness.get(&format!("{DEPLOYMENTS}/web")).await.json();
     assert_eq!(deployment["spec"]["replicas"], json!(0));
     let status = deployment["status"].as_object().unwrap();
-    for omitted in [
-        "replicas",
-        "readyReplicas",
-        "availableReplicas",
-        "updatedReplicas",
-        "unavailableReplicas",
-    ] {
-        assert!(
-            !status.contains_key(omitted),
-            "{omitted} is omitted: {status:?}"
-        );
+    for omitted in ["replicas", "readyReplicas", "availableReplicas", "updatedReplicas", "unavailableReplicas"] {
+        assert!(!status.contains_key(omitted), "{omitted} is omitted: {status:?}");
     }
     assert_eq!(status["observedGeneration"], json!(1));
 }
@@ -92,38 +63,20 @@ async fn a_scaled_down_deployment_omits_its_zero_status_counts() {
 async fn a_patch_bumps_resource_version_and_a_spec_change_bumps_generation() {
     let harness = Harness::start().await;
     let before = harness.get(&format!("{DEPLOYMENTS}/web")).await.json();
-    let rv = |v: &serde_json::Value| {
-        v["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
-    let scale = harness
-        .merge_patch(
-            &format!("{DEPLOYMENTS}/web/scale"),
-            r#"{"spec":{"replicas":2}}"#,
-        )
-        .await
-        .json();
+    let rv = |v: &serde_json::Value| v["metadata"]["resourceVersion"].as_str().unwrap().parse::<u64>().unwrap();
+    let scale = harness.merge_patch(&format!("{DEPLOYMENTS}/web/scale"), r#"{"spec":{"replicas":2}}"#).await.json();
     assert!(rv(&scale) > rv(&before));
     assert_eq!(scale["spec"]["replicas"], json!(2));
     let after = harness.get(&format!("{DEPLOYMENTS}/web")).await.json();
     assert_eq!(after["metadata"]["generation"], json!(2));
 
     let annotated = harness
-        .merge_patch(
-            &format!("{DEPLOYMENTS}/web"),
-            r#"{"metadata":{"annotations":{"toggle.example/replicas":"2"}}}"#,
-        )
+        .merge_patch(&format!("{DEPLOYMENTS}/web"), r#"{"metadata":{"annotations":{"toggle.example/replicas":"2"}}}"#)
         .await
         .json();
     assert!(rv(&annotated) > rv(&after));
     assert_eq!(annotated["metadata"]["generation"], json!(2));
-    assert_eq!(
-        annotated["metadata"]["annotations"]["toggle.example/replicas"],
-        json!("2")
-    );
+    assert_eq!(annotated["metadata"]["annotations"]["toggle.example/replicas"], json!("2"));
 }
 
 #[tokio::test]
@@ -131,34 +84,18 @@ async fn a_patch_that_changes_nothing_keeps_the_resource_version() {
     let harness = Harness::start().await;
     let path = format!("{DEPLOYMENTS}/web/scale");
     let before = harness.get(&path).await.json();
-    let patched = harness
-        .merge_patch(&path, r#"{"spec":{"replicas":0}}"#)
-        .await
-        .json();
-    assert_eq!(
-        patched["metadata"]["resourceVersion"],
-        before["metadata"]["resourceVersion"]
-    );
-    assert_eq!(
-        harness.get(&format!("{DEPLOYMENTS}/web")).await.json()["metadata"]["generation"],
-        json!(1)
-    );
+    let patched = harness.merge_patch(&path, r#"{"spec":{"replicas":0}}"#).await.json();
+    assert_eq!(patched["metadata"]["resourceVersion"], before["metadata"]["resourceVersion"]);
+    assert_eq!(harness.get(&format!("{DEPLOYMENTS}/web")).await.json()["metadata"]["generation"], json!(1));
 }
 
 #[tokio::test]
 async fn annotations_merge_and_null_removes_one() {
     let harness = Harness::start().await;
     let path = format!("{DEPLOYMENTS}/web");
-    harness
-        .merge_patch(&path, r#"{"metadata":{"annotations":{"a":"1","b":"2"}}}"#)
-        .await;
-    harness
-        .merge_patch(&path, r#"{"metadata":{"annotations":{"a":null}}}"#)
-        .await;
-    let annotations = harness
-        .server
-        .annotations(test_apiserver::WorkloadKind::Deployment, "bots", "web")
-        .unwrap();
+    harness.merge_patch(&path, r#"{"metadata":{"annotations":{"a":"1","b":"2"}}}"#).await;
+    harness.merge_patch(&path, r#"{"metadata":{"annotations":{"a":null}}}"#).await;
+    let annotations = harness.server.annotations(test_apiserver::WorkloadKind::Deployment, "bots", "web").unwrap();
     assert_eq!(annotations.get("b").map(String::as_str), Some("2"));
     assert!(!annotations.contains_key("a"));
 }
@@ -168,9 +105,7 @@ async fn a_patch_with_a_stale_resource_version_is_the_real_409_body() {
     let harness = Harness::start().await;
     let path = format!("{DEPLOYMENTS}/web/scale");
     let stale = harness.get(&path).await.json()["metadata"]["resourceVersion"].clone();
-    harness
-        .merge_patch(&path, r#"{"spec":{"replicas":2}}"#)
-        .await;
+    harness.merge_patch(&path, r#"{"spec":{"replicas":2}}"#).await;
     let body = json!({"metadata": {"resourceVersion": stale}, "spec": {"replicas": 1}});
     let reply = harness.merge_patch(&path, &body.to_string()).await;
     assert_eq!(reply.code, 409);
@@ -221,12 +156,7 @@ async fn strategic_merge_and_json_patch_are_accepted_too() {
     let harness = Harness::start().await;
     let path = format!("{DEPLOYMENTS}/web");
     let strategic = harness
-        .send(
-            Method::PATCH,
-            &path,
-            Some("application/strategic-merge-patch+json"),
-            r#"{"spec":{"replicas":2}}"#,
-        )
+        .send(Method::PATCH, &path, Some("application/strategic-merge-patch+json"), r#"{"spec":{"replicas":2}}"#)
         .await;
     assert_eq!(strategic.json()["spec"]["replicas"], json!(2));
     let json_patch = harness
@@ -243,12 +173,7 @@ async fn strategic_merge_and_json_patch_are_accepted_too() {
 #[tokio::test]
 async fn negative_replicas_on_scale_are_the_real_422_body() {
     let harness = Harness::start().await;
-    let reply = harness
-        .merge_patch(
-            &format!("{DEPLOYMENTS}/web/scale"),
-            r#"{"spec":{"replicas":-1}}"#,
-        )
-        .await;
+    let reply = harness.merge_patch(&format!("{DEPLOYMENTS}/web/scale"), r#"{"spec":{"replicas":-1}}"#).await;
     assert_eq!(reply.code, 422);
     assert_eq!(
         reply.json(),
@@ -269,9 +194,7 @@ async fn negative_replicas_on_scale_are_the_real_422_body() {
 #[tokio::test]
 async fn negative_replicas_on_the_deployment_name_the_deployment_kind() {
     let harness = Harness::start().await;
-    let reply = harness
-        .merge_patch(&format!("{DEPLOYMENTS}/web"), r#"{"spec":{"replicas":-3}}"#)
-        .await;
+    let reply = harness.merge_patch(&format!("{DEPLOYMENTS}/web"), r#"{"spec":{"replicas":-3}}"#).await;
     assert_eq!(reply.code, 422);
     assert_eq!(reply.json()["details"]["kind"], json!("Deployment"));
     assert_eq!(reply.json()["details"]["group"], json!("apps"));
@@ -281,9 +204,7 @@ async fn negative_replicas_on_the_deployment_name_the_deployment_kind() {
 async fn a_wrong_or_missing_token_is_the_real_401_body() {
     let harness = Harness::start().await;
     for token in [Some("wrong"), None] {
-        let reply = harness
-            .send_as(Method::GET, &format!("{DEPLOYMENTS}/web"), None, "", token)
-            .await;
+        let reply = harness.send_as(Method::GET, &format!("{DEPLOYMENTS}/web"), None, "", token).await;
         assert_eq!(reply.code, 401);
         assert_eq!(
             reply.text,
@@ -297,18 +218,10 @@ async fn a_list_carries_its_resource_version_and_honours_field_selector_and_limi
     let harness = Harness::start().await;
     harness.server.add_deployment("bots", "api", 1);
     harness.server.add_deployment("other", "web", 1);
-    let list = harness
-        .get(&format!(
-            "{DEPLOYMENTS}?fieldSelector=metadata.name%3Dweb&limit=500"
-        ))
-        .await
-        .json();
+    let list = harness.get(&format!("{DEPLOYMENTS}?fieldSelector=metadata.name%3Dweb&limit=500")).await.json();
     assert_eq!(list["kind"], json!("DeploymentList"));
     assert_eq!(list["apiVersion"], json!("apps/v1"));
-    assert_eq!(
-        list["metadata"]["resourceVersion"],
-        json!(harness.server.cluster().resource_version().to_string())
-    );
+    assert_eq!(list["metadata"]["resourceVersion"], json!(harness.server.cluster().resource_version().to_string()));
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["metadata"]["name"], json!("web"));
@@ -318,10 +231,7 @@ async fn a_list_carries_its_resource_version_and_honours_field_selector_and_limi
     assert_eq!(first["items"][0]["metadata"]["name"], json!("api"));
     assert_eq!(first["metadata"]["remainingItemCount"], json!(1));
     let token = first["metadata"]["continue"].as_str().unwrap();
-    let second = harness
-        .get(&format!("{DEPLOYMENTS}?limit=1&continue={token}"))
-        .await
-        .json();
+    let second = harness.get(&format!("{DEPLOYMENTS}?limit=1&continue={token}")).await.json();
     assert_eq!(second["items"][0]["metadata"]["name"], json!("web"));
     assert!(second["metadata"].get("continue").is_none());
 
@@ -332,27 +242,15 @@ async fn a_list_carries_its_resource_version_and_honours_field_selector_and_limi
 #[tokio::test]
 async fn an_unsupported_field_selector_is_a_400() {
     let harness = Harness::start().await;
-    let reply = harness
-        .get(&format!("{DEPLOYMENTS}?fieldSelector=spec.replicas%3D1"))
-        .await;
+    let reply = harness.get(&format!("{DEPLOYMENTS}?fieldSelector=spec.replicas%3D1")).await;
     assert_eq!(reply.code, 400);
-    assert_eq!(
-        reply.json()["message"],
-        json!("field label not supported: spec.replicas")
-    );
+    assert_eq!(reply.json()["message"], json!("field label not supported: spec.replicas"));
 }
 
 #[tokio::test]
 async fn a_patch_body_that_is_not_json_is_a_400() {
     let harness = Harness::start().await;
-    let reply = harness
-        .send(
-            Method::PATCH,
-            &format!("{DEPLOYMENTS}/web/scale"),
-            Some(MERGE),
-            "{nope",
-        )
-        .await;
+    let reply = harness.send(Method::PATCH, &format!("{DEPLOYMENTS}/web/scale"), Some(MERGE), "{nope").await;
     assert_eq!(reply.code, 400);
     assert_eq!(reply.json()["reason"], json!("BadRequest"));
 }

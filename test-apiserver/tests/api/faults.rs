@@ -41,14 +41,10 @@ async fn a_429_fault_carries_retry_after_seconds() {
 #[tokio::test]
 async fn a_fault_limited_to_patch_on_scale_leaves_reads_alone() {
     let harness = Harness::start().await;
-    harness
-        .server
-        .inject_fault(Fault::new(409, 1).on_method("PATCH").on_path("/scale"));
+    harness.server.inject_fault(Fault::new(409, 1).on_method("PATCH").on_path("/scale"));
     let path = format!("{DEPLOYMENTS}/web/scale");
     assert_eq!(harness.get(&path).await.code, 200);
-    let conflict = harness
-        .merge_patch(&path, r#"{"spec":{"replicas":1}}"#)
-        .await;
+    let conflict = harness.merge_patch(&path, r#"{"spec":{"replicas":1}}"#).await;
     assert_eq!(conflict.code, 409);
     assert_eq!(
         conflict.json()["message"],
@@ -56,32 +52,16 @@ async fn a_fault_limited_to_patch_on_scale_leaves_reads_alone() {
             "Operation cannot be fulfilled on deployments.apps \"web\": the object has been modified; please apply your changes to the latest version and try again"
         )
     );
-    assert_eq!(
-        harness
-            .merge_patch(&path, r#"{"spec":{"replicas":1}}"#)
-            .await
-            .code,
-        200
-    );
+    assert_eq!(harness.merge_patch(&path, r#"{"spec":{"replicas":1}}"#).await.code, 200);
 }
 
 #[tokio::test]
 async fn an_injected_403_names_the_refused_verb_and_subresource() {
     let harness = Harness::start().await;
     harness.server.inject_fault(Fault::new(403, 1));
-    let reply = harness
-        .merge_patch(
-            &format!("{DEPLOYMENTS}/web/scale"),
-            r#"{"spec":{"replicas":1}}"#,
-        )
-        .await;
+    let reply = harness.merge_patch(&format!("{DEPLOYMENTS}/web/scale"), r#"{"spec":{"replicas":1}}"#).await;
     assert_eq!(reply.code, 403);
-    assert!(
-        reply.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("cannot patch resource \"deployments/scale\"")
-    );
+    assert!(reply.json()["message"].as_str().unwrap().contains("cannot patch resource \"deployments/scale\""));
 }
 
 #[tokio::test]
@@ -92,10 +72,7 @@ async fn an_injected_500_is_an_internal_error_for_kube_rs() {
     let Err(kube::Error::Api(status)) = api.get("web").await else {
         panic!("the fault answers");
     };
-    assert_eq!(
-        (status.code, status.reason.as_str()),
-        (500, "InternalError")
-    );
+    assert_eq!((status.code, status.reason.as_str()), (500, "InternalError"));
     assert!(api.get("web").await.is_ok(), "the next request succeeds");
 }
 
@@ -118,9 +95,6 @@ async fn a_shut_down_server_refuses_connections() {
     let url = harness.server.url();
     let Harness { server, http, .. } = harness;
     server.shutdown().await;
-    let result = http
-        .request(Method::GET, format!("{url}{DEPLOYMENTS}/web"))
-        .send()
-        .await;
+    let result = http.request(Method::GET, format!("{url}{DEPLOYMENTS}/web")).send().await;
     assert!(result.unwrap_err().is_connect());
 }

@@ -1,9 +1,7 @@
 //! The RBAC table: 403s with the real message, and SelfSubjectAccessReview from the same table.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -24,12 +22,7 @@ fn read_only() -> Vec<RbacRule> {
 async fn a_denied_scale_patch_is_the_real_403_body() {
     let harness = Harness::start().await;
     harness.server.set_rbac(Some(read_only()));
-    let reply = harness
-        .merge_patch(
-            &format!("{DEPLOYMENTS}/web/scale"),
-            r#"{"spec":{"replicas":1}}"#,
-        )
-        .await;
+    let reply = harness.merge_patch(&format!("{DEPLOYMENTS}/web/scale"), r#"{"spec":{"replicas":1}}"#).await;
     assert_eq!(reply.code, 403);
     assert_eq!(
         reply.text,
@@ -42,9 +35,7 @@ async fn a_denied_scale_patch_is_the_real_403_body() {
 #[tokio::test]
 async fn a_denied_list_names_no_object() {
     let harness = Harness::start().await;
-    harness
-        .server
-        .set_rbac(Some(vec![RbacRule::new("get", "deployments", "bots")]));
+    harness.server.set_rbac(Some(vec![RbacRule::new("get", "deployments", "bots")]));
     let reply = harness.get(DEPLOYMENTS).await;
     assert_eq!(reply.code, 403);
     assert_eq!(
@@ -59,24 +50,10 @@ async fn a_denied_list_names_no_object() {
 async fn a_rule_limited_to_one_name_allows_only_that_object() {
     let harness = Harness::start().await;
     harness.server.add_deployment("bots", "other", 1);
-    harness.server.set_rbac(Some(vec![
-        RbacRule::new("patch", "deployments/scale", "bots").named("web"),
-    ]));
+    harness.server.set_rbac(Some(vec![RbacRule::new("patch", "deployments/scale", "bots").named("web")]));
     let body = r#"{"spec":{"replicas":1}}"#;
-    assert_eq!(
-        harness
-            .merge_patch(&format!("{DEPLOYMENTS}/web/scale"), body)
-            .await
-            .code,
-        200
-    );
-    assert_eq!(
-        harness
-            .merge_patch(&format!("{DEPLOYMENTS}/other/scale"), body)
-            .await
-            .code,
-        403
-    );
+    assert_eq!(harness.merge_patch(&format!("{DEPLOYMENTS}/web/scale"), body).await.code, 200);
+    assert_eq!(harness.merge_patch(&format!("{DEPLOYMENTS}/other/scale"), body).await.code, 403);
 }
 
 #[tokio::test]
@@ -85,10 +62,7 @@ async fn kube_rs_sees_a_forbidden_api_error() {
     harness.server.set_rbac(Some(read_only()));
     let api: Api<Deployment> = Api::namespaced(harness.kube().await, "bots");
     let patch = Patch::Merge(json!({"spec": {"replicas": 1}}));
-    let Err(kube::Error::Api(status)) = api
-        .patch_scale("web", &PatchParams::default(), &patch)
-        .await
-    else {
+    let Err(kube::Error::Api(status)) = api.patch_scale("web", &PatchParams::default(), &patch).await else {
         panic!("the patch is denied");
     };
     assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
@@ -117,28 +91,15 @@ async fn self_subject_access_review_answers_from_the_same_table() {
     let harness = Harness::start().await;
     harness.server.set_rbac(Some(read_only()));
     let api: Api<SelfSubjectAccessReview> = Api::all(harness.kube().await);
-    let get = api
-        .create(&PostParams::default(), &review("get", "scale"))
-        .await
-        .unwrap();
+    let get = api.create(&PostParams::default(), &review("get", "scale")).await.unwrap();
     let get = get.status.unwrap();
     assert!(get.allowed);
-    assert!(
-        get.reason
-            .unwrap()
-            .starts_with("RBAC: allowed by RoleBinding")
-    );
-    let patch = api
-        .create(&PostParams::default(), &review("patch", "scale"))
-        .await
-        .unwrap();
+    assert!(get.reason.unwrap().starts_with("RBAC: allowed by RoleBinding"));
+    let patch = api.create(&PostParams::default(), &review("patch", "scale")).await.unwrap();
     assert!(!patch.status.unwrap().allowed);
     let requests = harness.server.requests();
     let last = requests.last().unwrap();
-    assert_eq!(
-        last.path,
-        "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
-    );
+    assert_eq!(last.path, "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews");
     assert_eq!(last.method, "POST");
 }
 
@@ -156,9 +117,6 @@ async fn self_subject_access_review_is_201_and_echoes_the_spec() {
     assert_eq!(reply.code, 201);
     let body = reply.json();
     assert_eq!(body["kind"], json!("SelfSubjectAccessReview"));
-    assert_eq!(
-        body["spec"]["resourceAttributes"]["subresource"],
-        json!("scale")
-    );
+    assert_eq!(body["spec"]["resourceAttributes"]["subresource"], json!("scale"));
     assert_eq!(body["status"]["allowed"], json!(true));
 }

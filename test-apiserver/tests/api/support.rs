@@ -46,15 +46,8 @@ impl Harness {
         server.add_statefulset("bots", "db", 0);
         let dir = tempfile::tempdir().expect("temp dir");
         let kubeconfig = dir.path().join("kubeconfig");
-        server
-            .write_kubeconfig(&kubeconfig)
-            .expect("kubeconfig written");
-        Self {
-            server,
-            http: reqwest::Client::new(),
-            kubeconfig,
-            _dir: dir,
-        }
+        server.write_kubeconfig(&kubeconfig).expect("kubeconfig written");
+        Self { server, http: reqwest::Client::new(), kubeconfig, _dir: dir }
     }
 
     /// A kube-rs client built from the written kubeconfig.
@@ -62,23 +55,15 @@ impl Harness {
         // NB: in the workspace build more than one rustls backend is linked; pick one.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig parses");
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .expect("config loads");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("config loads");
         kube::Client::try_from(config).expect("client builds")
     }
 
     /// Sends a request with the server's token.
-    pub async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        content_type: Option<&str>,
-        body: &str,
-    ) -> Reply {
-        self.send_as(method, path, content_type, body, Some("test-token"))
-            .await
+    pub async fn send(&self, method: Method, path: &str, content_type: Option<&str>, body: &str) -> Reply {
+        self.send_as(method, path, content_type, body, Some("test-token")).await
     }
 
     /// Sends a request with the given bearer token, or none.
@@ -90,10 +75,7 @@ impl Harness {
         body: &str,
         token: Option<&str>,
     ) -> Reply {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.server.url()))
-            .body(body.to_owned());
+        let mut request = self.http.request(method, format!("{}{path}", self.server.url())).body(body.to_owned());
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
@@ -118,9 +100,7 @@ impl Harness {
 
     /// Calls the admin API.
     pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
-        let mut request = self
-            .http
-            .request(method, format!("{}/_test{path}", self.server.url()));
+        let mut request = self.http.request(method, format!("{}/_test{path}", self.server.url()));
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -141,10 +121,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + within;
     while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

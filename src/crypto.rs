@@ -1,0 +1,682 @@
+//! The one owner of the `OlmMachine`: it sets up the bot's device and cross-signing, takes in
+//! each transaction's to-device events, device lists and key counts, sends the machine's
+//! outgoing requests masquerading as our device, decrypts room events, and encrypts replies.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use matrix_sdk_common::deserialized_responses::EncryptionInfo;
+use matrix_sdk_crypto::{
+    CollectStrategy, DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine,
+    RoomEventDecryptionResult, TrustRequirement, UserIdentity,
+    store::CryptoStore as _,
+    types::{
+        events::room::encrypted::EncryptedEvent,
+        requests::{AnyIncomingResponse, AnyOutgoingRequest, OutgoingRequest, ToDeviceRequest},
+    },
+};
+use matrix_sdk_sqlite::SqliteCryptoStore;
+use rand::{Rng, RngCore};
+use ruma::{
+    OneTimeKeyAlgorithm, OwnedDeviceId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UInt, UserId,
+    api::client::{
+        device::{delete_device, get_devices, update_device},
+        keys::{get_keys, upload_signing_keys},
+        message::send_message_event,
+        sync::sync_events::DeviceLists,
+        to_device::send_event_to_device,
+    },
+    events::{
+        AnyMessageLikeEventContent, AnyTimelineEvent, AnyToDeviceEvent, MessageLikeEventType,
+        room::{encryption::RoomEncryptionEventContent, history_visibility::HistoryVisibility},
+    },
+    serde::Raw,
+};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::{
+    appservice::Transaction,
+    config::{Config, TrustPolicy},
+    matrix::{MatrixClient, MatrixError},
+    metrics::Metrics,
+    store::{Store, StoreError},
+};
+
+/// Errors of the encryption layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The crypto store failed.
+    #[error("crypto store: {0}")]
+    Store(#[from] matrix_sdk_crypto::CryptoStoreError),
+    /// The crypto store could not be opened.
+    #[error("crypto store at {path}: {message}")]
+    Open {
+        /// The store directory.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// An Olm operation failed.
+    #[error("olm: {0}")]
+    Olm(#[from] matrix_sdk_crypto::OlmError),
+    /// A Megolm operation failed.
+    #[error("megolm: {0}")]
+    Megolm(#[from] matrix_sdk_crypto::MegolmError),
+    /// A homeserver call failed.
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+    /// The state database failed.
+    #[error(transparent)]
+    State(#[from] StoreError),
+    /// A file in STATE_DIR could not be read or written.
+    #[error("STATE_DIR file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CryptoError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CryptoError::Matrix(e) if e.is_transient())
+    }
+}
+
+/// What became of an encrypted room event.
+#[derive(Debug)]
+pub enum Decryption {
+    /// Decrypted.
+    Decrypted {
+        /// The decrypted event.
+        event: Raw<AnyTimelineEvent>,
+        /// Who sent it, from which device, how trusted.
+        info: Arc<EncryptionInfo>,
+    },
+    /// The room key has not arrived (yet).
+    MissingKey {
+        /// The Megolm session the key belongs to.
+        session_id: Option<String>,
+    },
+    /// It cannot be decrypted, and waiting will not help.
+    Failed(String),
+}
+
+/// Key of the state database holding our device id.
+const DEVICE_ID_KEY: &str = "device_id";
+
+/// The bot's encryption state.
+pub struct Crypto {
+    machine: OlmMachine,
+    matrix: Arc<MatrixClient>,
+    metrics: Arc<Metrics>,
+    store: Arc<Store>,
+    work: Arc<tokio::sync::Notify>,
+    outgoing: AsyncMutex<()>,
+    room_locks: std::sync::Mutex<HashMap<OwnedRoomId, Arc<AsyncMutex<()>>>>,
+}
+
+impl std::fmt::Debug for Crypto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crypto").field("device_id", &self.machine.device_id()).finish_non_exhaustive()
+    }
+}
+
+fn decryption_settings() -> DecryptionSettings {
+    // NB: trust is decided by our own policy from the encryption info; requiring
+    // cross-signing here would refuse every device of users who never set it up.
+    DecryptionSettings { sender_device_trust_requirement: TrustRequirement::Untrusted }
+}
+
+/// How the crypto store is unlocked.
+enum StoreKey {
+    Passphrase(String),
+    Key(Box<[u8; 32]>),
+}
+
+fn store_key(config: &Config) -> Result<StoreKey, CryptoError> {
+    if let Some(p) = &config.crypto_store_passphrase {
+        return Ok(StoreKey::Passphrase(p.expose().to_owned()));
+    }
+    let path = config.state_dir.join("crypto-store.key");
+    let file_err = |source| CryptoError::File { path: path.display().to_string(), source };
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&bytes);
+            Ok(StoreKey::Key(Box::new(key)))
+        }
+        Ok(_) => Err(CryptoError::Open {
+            path: path.display().to_string(),
+            message: "the key file must hold exactly 32 bytes".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut key);
+            write_private(&path, &key).map_err(file_err)?;
+            tracing::warn!(
+                path = %path.display(),
+                "no CRYPTO_STORE_PASSPHRASE given: generated a random key for the crypto store next to it; back up STATE_DIR as a whole, or set CRYPTO_STORE_PASSPHRASE"
+            );
+            Ok(StoreKey::Key(Box::new(key)))
+        }
+        Err(e) => Err(file_err(e)),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
+}
+
+/// Opens the store and reads its account; `Ok(None)` is an empty (new) store.
+async fn open_store(dir: &Path, key: &StoreKey) -> Result<(SqliteCryptoStore, bool), String> {
+    let store = match key {
+        StoreKey::Passphrase(p) => SqliteCryptoStore::open(dir, Some(p)).await,
+        StoreKey::Key(k) => SqliteCryptoStore::open_with_key(dir, Some(k)).await,
+    }
+    .map_err(|e| e.to_string())?;
+    let has_account = store.load_account().await.map_err(|e| e.to_string())?.is_some();
+    Ok((store, has_account))
+}
+
+fn new_device_id() -> OwnedDeviceId {
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..8).map(|_| rng.gen_range(b'A'..=b'Z') as char).collect();
+    format!("TOGGLE{suffix}").into()
+}
+
+impl Crypto {
+    /// Sets up the device, the store and the machine; uploads keys and cross-signs the bot once.
+    pub async fn start(
+        config: &Config,
+        store: Arc<Store>,
+        matrix: Arc<MatrixClient>,
+        metrics: Arc<Metrics>,
+        work: Arc<tokio::sync::Notify>,
+    ) -> Result<Arc<Crypto>, CryptoError> {
+        let dir = config.state_dir.join("crypto");
+        let key = store_key(config)?;
+        for attempt in 0..2 {
+            let crypto = Self::open(&dir, &key, config, &store, &matrix, &metrics, &work).await?;
+            crypto.flush().await;
+            if crypto.server_has_our_keys().await? {
+                crypto.ensure_cross_signing().await?;
+                crypto.machine.mark_all_tracked_users_as_dirty().await?;
+                crypto.flush().await;
+                return Ok(Arc::new(crypto));
+            }
+            tracing::warn!(
+                device_id = %crypto.machine.device_id(),
+                attempt,
+                "the homeserver does not hold this device's keys (was the device deleted?); starting over with a new device"
+            );
+            drop(crypto);
+            set_aside(&dir)?;
+        }
+        Err(CryptoError::Open {
+            path: dir.display().to_string(),
+            message: "the homeserver keeps refusing our device keys".into(),
+        })
+    }
+
+    async fn open(
+        dir: &Path,
+        key: &StoreKey,
+        config: &Config,
+        store: &Arc<Store>,
+        matrix: &Arc<MatrixClient>,
+        metrics: &Arc<Metrics>,
+        work: &Arc<tokio::sync::Notify>,
+    ) -> Result<Crypto, CryptoError> {
+        let opened = match open_store(dir, key).await {
+            Ok(opened) => opened,
+            Err(message) => {
+                tracing::error!(
+                    path = %dir.display(),
+                    error = %message,
+                    "the crypto store is unreadable (wrong passphrase or damaged); setting it aside and starting over with a new device: messages encrypted for the old device cannot be read"
+                );
+                set_aside(dir)?;
+                open_store(dir, key)
+                    .await
+                    .map_err(|message| CryptoError::Open { path: dir.display().to_string(), message })?
+            }
+        };
+        let (crypto_store, has_account) = opened;
+        let known_device = store.get(DEVICE_ID_KEY)?.map(OwnedDeviceId::from);
+        let device_id = match (known_device, has_account) {
+            (Some(device), true) => device,
+            (old, _) => {
+                if let Some(old) = &old {
+                    tracing::warn!(device_id = %old, "the crypto store for this device is gone; deleting the device and making a new one");
+                }
+                let device = new_device_id();
+                matrix
+                    .send_without_device({
+                        let mut r = update_device::v3::Request::new(device.clone());
+                        r.display_name = Some(config.display_name.clone());
+                        r
+                    })
+                    .await?;
+                store.set(DEVICE_ID_KEY, device.as_str())?;
+                delete_other_devices(matrix, &device).await;
+                tracing::info!(device_id = %device, "created the bot's device");
+                device
+            }
+        };
+        let machine = OlmMachine::with_store(&config.bot_user_id, &device_id, crypto_store, None).await?;
+        matrix.set_device_id(Some(device_id.clone()));
+        tracing::info!(device_id = %device_id, ed25519 = %machine.identity_keys().ed25519, "encryption ready");
+        Ok(Crypto {
+            machine,
+            matrix: matrix.clone(),
+            metrics: metrics.clone(),
+            store: store.clone(),
+            work: work.clone(),
+            outgoing: AsyncMutex::new(()),
+            room_locks: Default::default(),
+        })
+    }
+
+    /// The bot's device id.
+    pub fn device_id(&self) -> &ruma::DeviceId {
+        self.machine.device_id()
+    }
+
+    async fn server_has_our_keys(&self) -> Result<bool, CryptoError> {
+        let mut request = get_keys::v3::Request::new();
+        request.device_keys.insert(self.matrix.bot().clone(), vec![self.machine.device_id().to_owned()]);
+        let response = self.matrix.send(request).await?;
+        let ours = self.machine.identity_keys().ed25519.to_base64();
+        let found = response
+            .device_keys
+            .get(self.matrix.bot())
+            .and_then(|d| d.get(self.machine.device_id()))
+            .and_then(|raw| raw.deserialize().ok())
+            .map(|keys| keys.keys.values().any(|k| *k == ours));
+        Ok(found.unwrap_or(false))
+    }
+
+    async fn ensure_cross_signing(&self) -> Result<(), CryptoError> {
+        if self.machine.cross_signing_status().await.is_complete() {
+            return Ok(());
+        }
+        let requests = self.machine.bootstrap_cross_signing(false).await?;
+        if let Some(upload) = requests.upload_keys_req {
+            self.send_request(&upload).await?;
+        }
+        let signing = requests.upload_signing_keys_req;
+        let mut upload = upload_signing_keys::v3::Request::new();
+        upload.master_key = signing.master_key.map(|k| k.to_raw());
+        upload.self_signing_key = signing.self_signing_key.map(|k| k.to_raw());
+        upload.user_signing_key = signing.user_signing_key.map(|k| k.to_raw());
+        self.matrix.send(upload).await?;
+        self.matrix.send(requests.upload_signatures_req).await?;
+        tracing::info!("cross-signed the bot's device");
+        Ok(())
+    }
+
+    /// Takes in a transaction's end-to-end encryption data (to-device events, device lists,
+    /// key counts) for our device. Never fails the transaction.
+    pub async fn ingest(&self, txn: &Transaction) {
+        let bot = self.matrix.bot();
+        let device = self.machine.device_id();
+        let to_device: Vec<Raw<AnyToDeviceEvent>> = txn
+            .to_device
+            .iter()
+            .filter(|raw| {
+                raw.get_field::<String>("to_user_id").ok().flatten().as_deref() == Some(bot.as_str())
+                    && raw.get_field::<String>("to_device_id").ok().flatten().as_deref() == Some(device.as_str())
+            })
+            .map(|raw| raw.clone().cast())
+            .collect();
+        let mut counts: BTreeMap<OneTimeKeyAlgorithm, UInt> = BTreeMap::new();
+        if let Some(ours) = txn.device_one_time_keys_count.get(bot).and_then(|d| d.get(device)) {
+            counts = ours.clone();
+            // NB: 0.18.0 reads a missing signed_curve25519 as "no change"; Synapse sends `{}`
+            // when none are left, which must read as zero or keys are never replenished.
+            counts.entry(OneTimeKeyAlgorithm::SignedCurve25519).or_insert(UInt::MIN);
+        }
+        let fallback = txn.device_unused_fallback_key_types.get(bot).and_then(|d| d.get(device)).cloned();
+        let mut lists = DeviceLists::new();
+        lists.changed = txn.device_lists.changed.clone();
+        lists.left = txn.device_lists.left.clone();
+        if to_device.is_empty() && counts.is_empty() && fallback.is_none() && lists.is_empty() {
+            return;
+        }
+        let changes = EncryptionSyncChanges {
+            to_device_events: to_device,
+            changed_devices: &lists,
+            one_time_keys_counts: &counts,
+            unused_fallback_keys: fallback.as_deref(),
+            next_batch_token: None,
+        };
+        match self.machine.receive_sync_changes(changes, &decryption_settings()).await {
+            Ok((_, room_keys)) => {
+                let mut requeued = 0;
+                for key in room_keys {
+                    self.metrics.crypto("room_key_received");
+                    match self.store.requeue_undecrypted(&key.session_id) {
+                        Ok(n) => requeued += n,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot requeue events waiting for a room key")
+                        }
+                    }
+                }
+                if requeued > 0 {
+                    tracing::debug!(events = requeued, "room keys arrived for waiting events");
+                    self.work.notify_one();
+                }
+            }
+            Err(e) => {
+                self.metrics.error("crypto");
+                tracing::error!(error = %e, "could not take in the transaction's encryption data");
+            }
+        }
+    }
+
+    /// Sends every outgoing request of the machine (serialised) and marks each sent.
+    pub async fn flush(&self) {
+        let _serial = self.outgoing.lock().await;
+        let requests = match self.machine.outgoing_requests().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the crypto machine's outgoing requests");
+                return;
+            }
+        };
+        for request in requests {
+            if let Err(e) = self.send_request(&request).await {
+                self.metrics.error("crypto_request");
+                tracing::warn!(error = %e, request_id = %request.request_id(), "an encryption request failed; it is retried later");
+            }
+        }
+    }
+
+    async fn send_request(&self, request: &OutgoingRequest) -> Result<(), CryptoError> {
+        let id = request.request_id();
+        match request.request() {
+            AnyOutgoingRequest::KeysUpload(r) => {
+                let response = self.matrix.send(r.clone()).await?;
+                self.metrics.crypto("keys_uploaded");
+                self.machine.mark_request_as_sent(id, &response).await?;
+            }
+            AnyOutgoingRequest::KeysQuery(r) => {
+                let mut query = get_keys::v3::Request::new();
+                query.device_keys = r.device_keys.clone();
+                query.timeout = r.timeout;
+                let response = self.matrix.send(query).await?;
+                self.machine.mark_request_as_sent(id, &response).await?;
+            }
+            AnyOutgoingRequest::KeysClaim(r) => {
+                let response = self.matrix.send(r.clone()).await?;
+                self.machine.mark_request_as_sent(id, &response).await?;
+            }
+            AnyOutgoingRequest::ToDeviceRequest(r) => {
+                let response = self.send_to_device(r).await?;
+                self.machine.mark_request_as_sent(id, &response).await?;
+            }
+            AnyOutgoingRequest::SignatureUpload(r) => {
+                let response = self.matrix.send(r.clone()).await?;
+                self.machine.mark_request_as_sent(id, &response).await?;
+            }
+            AnyOutgoingRequest::RoomMessage(r) => {
+                let send = send_message_event::v3::Request::new(r.room_id.clone(), r.txn_id.clone(), &*r.content)
+                    .map_err(|e| MatrixError::Build(e.to_string()))?;
+                let response = self.matrix.send(send).await?;
+                self.machine.mark_request_as_sent(id, AnyIncomingResponse::RoomMessage(&response)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_to_device(&self, r: &ToDeviceRequest) -> Result<send_event_to_device::v3::Response, MatrixError> {
+        let request =
+            send_event_to_device::v3::Request::new_raw(r.event_type.clone(), r.txn_id.clone(), r.messages.clone());
+        self.matrix.send(request).await
+    }
+
+    /// Decrypts an `m.room.encrypted` event of `room`.
+    pub async fn decrypt(&self, event_json: &str, room: &RoomId) -> Decryption {
+        let raw = match Raw::<EncryptedEvent>::from_json_string(event_json.to_owned()) {
+            Ok(raw) => raw,
+            Err(e) => return Decryption::Failed(e.to_string()),
+        };
+        match self.machine.try_decrypt_room_event(&raw, room, &decryption_settings()).await {
+            Ok(RoomEventDecryptionResult::Decrypted(d)) => {
+                Decryption::Decrypted { event: d.event, info: d.encryption_info }
+            }
+            Ok(RoomEventDecryptionResult::UnableToDecrypt(info)) => {
+                self.metrics.crypto("decryption_failed");
+                use matrix_sdk_common::deserialized_responses::UnableToDecryptReason as R;
+                match info.reason {
+                    R::MissingMegolmSession { .. } | R::UnknownMegolmMessageIndex => {
+                        Decryption::MissingKey { session_id: info.session_id }
+                    }
+                    other => Decryption::Failed(format!("{other:?}")),
+                }
+            }
+            Err(e) => Decryption::Failed(e.to_string()),
+        }
+    }
+
+    /// Checks the sending device against the trust policy; `Err` is the reply to give.
+    pub async fn check_trust(&self, info: &EncryptionInfo, policy: TrustPolicy) -> Result<(), String> {
+        let sender = &info.sender;
+        match policy {
+            TrustPolicy::Tofu => match self.machine.get_identity(sender, None).await {
+                Ok(Some(UserIdentity::Other(identity))) if identity.identity_needs_user_approval() => Err(format!(
+                    "I won't act on commands from {sender} right now: their encryption identity changed since I first saw it. \
+                     If that is expected (a new login after a reset), another allowed user can send `approve {sender}`."
+                )),
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("I could not check {sender}'s encryption identity ({e}); try again.")),
+            },
+            TrustPolicy::CrossSigned => {
+                let Some(device_id) = &info.sender_device else {
+                    return Err("I cannot tell which device sent this, so I won't act on it.".into());
+                };
+                match self.machine.get_device(sender, device_id, None).await {
+                    Ok(Some(device)) if device.is_cross_signed_by_owner() => Ok(()),
+                    Ok(_) => Err(format!(
+                        "I only take commands from devices their owner has verified (TRUST_POLICY=cross-signed), and {device_id} is not: \
+                         verify this session from one of your other sessions, then send the command again."
+                    )),
+                    Err(e) => Err(format!("I could not check your device ({e}); try again.")),
+                }
+            }
+        }
+    }
+
+    /// Accepts a user's changed identity (the `approve` command under the tofu policy).
+    pub async fn approve_identity(&self, user: &UserId) -> Result<bool, CryptoError> {
+        match self.machine.get_identity(user, None).await? {
+            Some(UserIdentity::Other(identity)) if identity.identity_needs_user_approval() => {
+                identity.pin_current_master_key().await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn room_lock(&self, room: &RoomId) -> Arc<AsyncMutex<()>> {
+        let mut locks = self.room_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(room.to_owned()).or_default().clone()
+    }
+
+    /// Encrypts `content` for the room's members and sends it as `m.room.encrypted`.
+    pub async fn send_encrypted(
+        &self,
+        room: &RoomId,
+        members: &[OwnedUserId],
+        history_visibility: HistoryVisibility,
+        content: Raw<AnyMessageLikeEventContent>,
+        txn_id: OwnedTransactionId,
+    ) -> Result<(), CryptoError> {
+        let lock = self.room_lock(room);
+        let _serial = lock.lock().await;
+        let members: Vec<OwnedUserId> = members.iter().filter(|u| *u != self.matrix.bot()).cloned().collect();
+        // NB: boxed as Send: awaiting this directly inside a spawned task does not compile.
+        let track: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+            Box::pin(self.machine.update_tracked_users(members.iter().map(AsRef::as_ref)));
+        track.await?;
+        self.flush().await;
+        if let Some((id, claim)) = self.machine.get_missing_sessions(members.iter().map(AsRef::as_ref)).await? {
+            let response = self.matrix.send(claim).await?;
+            self.machine.mark_request_as_sent(&id, &response).await?;
+        }
+        let settings = EncryptionSettings::new(
+            RoomEncryptionEventContent::with_recommended_defaults(),
+            history_visibility,
+            CollectStrategy::ErrorOnVerifiedUserProblem,
+        );
+        let shares = self.machine.share_room_key(room, members.iter().map(AsRef::as_ref), settings).await?;
+        for share in shares {
+            match self.send_to_device(&share).await {
+                Ok(response) => {
+                    self.metrics.crypto("room_key_shared");
+                    self.machine.mark_request_as_sent(&share.txn_id, &response).await?;
+                }
+                Err(e) => {
+                    // NB: a session some members never got must not be used again.
+                    self.machine.discard_room_key(room).await?;
+                    return Err(e.into());
+                }
+            }
+        }
+        let encrypted = self.machine.encrypt_room_event_raw(room, "m.room.message", &content).await?;
+        let request = send_message_event::v3::Request::new_raw(
+            room.to_owned(),
+            txn_id,
+            MessageLikeEventType::RoomEncrypted,
+            encrypted.content.cast(),
+        );
+        self.matrix.send(request).await?;
+        Ok(())
+    }
+}
+
+/// Moves a crypto store directory aside so a new one can be made.
+fn set_aside(dir: &Path) -> Result<(), CryptoError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let aside = PathBuf::from(format!("{}.broken-{stamp}", dir.display()));
+    std::fs::rename(dir, &aside).map_err(|source| CryptoError::File { path: dir.display().to_string(), source })?;
+    tracing::warn!(moved_to = %aside.display(), "set the old crypto store aside");
+    Ok(())
+}
+
+/// Deletes the bot's devices other than `keep` (left over from lost stores).
+async fn delete_other_devices(matrix: &MatrixClient, keep: &ruma::DeviceId) {
+    let devices = match matrix.send_without_device(get_devices::v3::Request::new()).await {
+        Ok(r) => r.devices,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the bot's devices");
+            return;
+        }
+    };
+    for device in devices.into_iter().filter(|d| d.device_id != keep) {
+        match matrix.send_without_device(delete_device::v3::Request::new(device.device_id.clone())).await {
+            Ok(_) => tracing::info!(device_id = %device.device_id, "deleted an old bot device"),
+            Err(e) => {
+                tracing::warn!(device_id = %device.device_id, error = %e, "could not delete an old bot device")
+            }
+        }
+    }
+}
+
+/// How long a refused E2EE setup waits before trying again.
+pub const RETRY_SETUP: Duration = Duration::from_secs(5);
+
+/// Where the crypto machine becomes available once set up; it also takes in transactions.
+#[derive(Debug)]
+pub struct CryptoCell {
+    tx: tokio::sync::watch::Sender<Option<Arc<Crypto>>>,
+}
+
+impl Default for CryptoCell {
+    fn default() -> Self {
+        Self { tx: tokio::sync::watch::channel(None).0 }
+    }
+}
+
+/// How long a transaction waits for the crypto machine to be set up.
+const INGEST_WAIT: Duration = Duration::from_secs(30);
+
+impl CryptoCell {
+    /// Makes the machine available.
+    pub fn set(&self, crypto: Arc<Crypto>) {
+        self.tx.send_replace(Some(crypto));
+    }
+
+    /// The machine, if set up.
+    pub fn get(&self) -> Option<Arc<Crypto>> {
+        self.tx.borrow().clone()
+    }
+
+    /// The machine, waiting up to `timeout` for it to be set up.
+    pub async fn wait(&self, timeout: Duration) -> Option<Arc<Crypto>> {
+        let mut rx = self.tx.subscribe();
+        let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        ready.ok().and_then(|r| r.ok().map(|v| v.clone())).flatten()
+    }
+}
+
+impl crate::appservice::TransactionSink for CryptoCell {
+    fn ingest<'a>(
+        &'a self,
+        txn: &'a Transaction,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let has_crypto_data =
+                !txn.to_device.is_empty() || !txn.device_one_time_keys_count.is_empty() || !txn.device_lists.is_empty();
+            if !has_crypto_data {
+                return;
+            }
+            let Some(crypto) = self.wait(INGEST_WAIT).await else {
+                tracing::error!("encryption is not set up; this transaction's room keys are lost");
+                return;
+            };
+            crypto.ingest(txn).await;
+            tokio::spawn(async move { crypto.flush().await });
+        })
+    }
+}
+
+/// Sets up encryption in the background, retrying while the homeserver is unreachable.
+pub async fn start_in_background(
+    cell: Arc<CryptoCell>,
+    config: Arc<Config>,
+    store: Arc<Store>,
+    matrix: Arc<MatrixClient>,
+    metrics: Arc<Metrics>,
+    work: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        match Crypto::start(&config, store.clone(), matrix.clone(), metrics.clone(), work.clone()).await {
+            Ok(crypto) => {
+                cell.set(crypto);
+                work.notify_one();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, retry_in_s = RETRY_SETUP.as_secs(), "could not set up encryption; retrying");
+                tokio::time::sleep(RETRY_SETUP).await;
+            }
+        }
+    }
+}
