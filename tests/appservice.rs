@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! The appservice foundation against a real Synapse: registration accepted, transactions
 //! delivered, tokens checked, replays deduplicated (also across restarts), garbage refused.
 

@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! Commands end to end in plain rooms: a real Synapse, our server, the test apiserver, and
 //! people chatting through the client-server API.
 

@@ -77,7 +77,7 @@ impl BridgeSetup {
         env.insert("MATRIX_HOMESERVER".into(), homeserver.into());
         let mut bridge = BridgeProcess {
             child: None,
-            url: format!("http://127.0.0.1:{}", self.port),
+            url: format!("http://{}", env["LISTEN_ADDRESS"]),
             env,
             log_path: self.dir.join("bridge.log"),
             restarts: 0,

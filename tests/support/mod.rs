@@ -4,6 +4,8 @@
 
 pub mod bridge;
 pub mod client;
+pub mod e2ee;
+pub mod proxy;
 pub mod synapse;
 
 use std::{
