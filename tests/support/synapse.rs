@@ -32,6 +32,7 @@ pub fn ensure_venv() -> &'static Path {
 /// A running Synapse; stopped when dropped.
 pub struct Synapse {
     dir: PathBuf,
+    pid: std::sync::Mutex<Option<u32>>,
     /// Client-server API base URL.
     pub url: String,
     shared_secret: String,
@@ -52,22 +53,26 @@ impl Synapse {
             SERVER_NAME,
         ]));
         let synapse = Synapse {
+            pid: std::sync::Mutex::new(None),
             url: format!("http://127.0.0.1:{port}"),
             shared_secret: std::fs::read_to_string(dir.join("shared_secret")).unwrap().trim().to_owned(),
             dir,
         };
-        run(Command::new(script("synapse.sh")).args(["start", synapse.dir.to_str().unwrap()]));
+        synapse.start_again();
         synapse
     }
 
     /// Stops Synapse (tests of an unreachable homeserver); `start_again` brings it back.
     pub fn stop(&self) {
         run(Command::new(script("synapse.sh")).args(["stop", self.dir.to_str().unwrap()]));
+        *self.pid.lock().unwrap() = None;
     }
 
     /// Starts a stopped Synapse again on the same port and database.
     pub fn start_again(&self) {
         run(Command::new(script("synapse.sh")).args(["start", self.dir.to_str().unwrap()]));
+        let pid = std::fs::read_to_string(self.dir.join("synapse.pid")).unwrap().trim().parse().unwrap();
+        *self.pid.lock().unwrap() = Some(pid);
     }
 
     /// Registers a user through the admin API (shared secret); returns (user id, access token).
@@ -106,7 +111,20 @@ impl Synapse {
 
 impl Drop for Synapse {
     fn drop(&mut self) {
-        let _ = Command::new(script("synapse.sh")).args(["stop", self.dir.to_str().unwrap()]).output();
+        // NB: by pid, not through the script: the scratch directory may already be gone.
+        if let Some(pid) = self.pid.lock().unwrap().take() {
+            let pid = pid.to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            for _ in 0..100 {
+                let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')));
+                if !alive {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
     }
 }
 
