@@ -13,12 +13,14 @@ use std::{
 use ruma::{
     EventId, OwnedEventId, OwnedRoomId, OwnedTransactionId, RoomId, UserId,
     api::client::{
+        filter::{FilterDefinition, RoomFilter},
         membership::{get_member_events, join_room_by_id, leave_room},
         message::send_message_event,
         state::get_state_event_for_key,
+        sync::sync_events,
     },
     events::{
-        AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEventType,
+        AnyMessageLikeEvent, AnyStateEvent, AnyStrippedStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEventType,
         relation::InReplyTo,
         room::{
             history_visibility::HistoryVisibility,
@@ -302,6 +304,35 @@ impl Bridge {
             }
         }
         Ok(())
+    }
+
+    /// Finds invites that are waiting (sent before we were running) with one `/sync` at
+    /// start-up and treats each like a new invite: join if the inviter is allowed, else reject.
+    pub async fn handle_pending_invites(&self) -> Result<usize, BridgeError> {
+        let mut filter = FilterDefinition::ignore_all();
+        filter.room = RoomFilter::ignore_all();
+        filter.room.rooms = None;
+        let mut request = sync_events::v3::Request::new();
+        request.filter = Some(sync_events::v3::Filter::FilterDefinition(filter));
+        request.timeout = Some(Duration::ZERO);
+        // NB: without a device: a device's /sync would take the to-device messages (room keys)
+        // that must reach us in transactions.
+        let response = self.matrix.send_without_device(request).await?;
+        let mut handled = 0;
+        for (room, invited) in response.rooms.invite {
+            let inviter = invited.invite_state.events.iter().find_map(|raw| {
+                let ev = raw.deserialize().ok()?;
+                match ev {
+                    AnyStrippedStateEvent::RoomMember(m) if m.state_key == *self.matrix.bot() => Some(m.sender),
+                    _ => None,
+                }
+            });
+            if let Some(inviter) = inviter {
+                self.on_invite(room, &inviter).await?;
+                handled += 1;
+            }
+        }
+        Ok(handled)
     }
 
     /// Loads the member list and encryption state of `room` from the homeserver.

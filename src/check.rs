@@ -4,7 +4,11 @@ use std::{fmt, path::Path};
 
 use ruma::api::client::account::whoami;
 
-use crate::{config::Config, matrix::MatrixClient};
+use crate::{
+    config::Config,
+    matrix::MatrixClient,
+    scaler::{RetryPolicy, Scaler},
+};
 
 /// The result of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +54,47 @@ pub async fn run(config_path: Option<&Path>) -> Vec<CheckLine> {
         ),
     ];
     lines.extend(homeserver_checks(&config).await);
+    lines.extend(kubernetes_checks(&config).await);
+    lines
+}
+
+/// Per target: the workload exists, and a SelfSubjectAccessReview for every verb we use.
+async fn kubernetes_checks(config: &Config) -> Vec<CheckLine> {
+    let retry = RetryPolicy { attempts: 2, first_delay: std::time::Duration::from_millis(200) };
+    let scaler = match Scaler::infer(retry).await {
+        Ok(s) => s,
+        Err(e) => return vec![line("kubernetes", Err(e.to_string()))],
+    };
+    let mut lines = Vec::new();
+    for t in &config.targets {
+        let name = format!("target {}", t.name);
+        let workload = match scaler.status(t).await {
+            Ok(s) => Ok(format!(
+                "{} {}/{} is {} ({}/{} ready)",
+                t.kind, t.namespace, t.workload, s.state, s.ready, s.desired
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        lines.push(line(&name, workload));
+        let review = match scaler.access_review(t).await {
+            Ok(answers) => {
+                let missing: Vec<String> =
+                    answers.iter().filter(|(_, _, allowed)| !allowed).map(|(v, r, _)| format!("{v} {r}")).collect();
+                if missing.is_empty() {
+                    let granted: Vec<String> = answers.iter().map(|(v, r, _)| format!("{v} {r}")).collect();
+                    Ok(format!("allowed: {}", granted.join(", ")))
+                } else {
+                    Err(format!(
+                        "the ServiceAccount may not: {}; grant them in a Role in namespace {} (see deploy/)",
+                        missing.join(", "),
+                        t.namespace
+                    ))
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        lines.push(line(&format!("permissions {}", t.name), review));
+    }
     lines
 }
 

@@ -117,3 +117,20 @@ async fn a_garbage_body_gets_400_and_the_server_keeps_serving() {
     let health = reqwest::get(format!("{}/healthz", bridge.url)).await.unwrap();
     assert!(health.status().is_success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invites_waiting_at_start_up_are_joined_only_when_the_inviter_is_allowed() {
+    let dir = scratch_dir();
+    let setup = BridgeSetup::new(dir.path());
+    let synapse = Synapse::start(dir.path(), &setup.registration);
+    let (id, token) = synapse.register("alice").await;
+    let alice = User::new(&synapse.url, id, token);
+    let (id, token) = synapse.register("mallory").await;
+    let mallory = User::new(&synapse.url, id, token);
+    let welcome = alice.create_room(&["@toggle:localhost"], false).await;
+    let lure = mallory.create_room(&["@toggle:localhost"], false).await;
+
+    let _bridge = setup.start(&synapse.url).await;
+    alice.wait_for_membership(&welcome, "@toggle:localhost", "join", WAIT).await;
+    mallory.wait_for_membership(&lure, "@toggle:localhost", "leave", WAIT).await;
+}

@@ -1,0 +1,76 @@
+#![recursion_limit = "256"]
+//! `matrix-k8s-toggle check` against a real Synapse and the test apiserver: one line per
+//! check, non-zero exit on any failure, and a missing permission named.
+
+mod support;
+
+use std::process::Command;
+
+use support::{bridge::BridgeSetup, bridge_binary, scratch_dir, synapse::Synapse};
+use test_apiserver::{RbacRule, TestApiServer};
+
+async fn run_check(api: &TestApiServer, synapse_running: bool) -> (bool, String) {
+    let dir = scratch_dir();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let setup = BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap());
+    let synapse = Synapse::start(dir.path(), &setup.registration);
+    if !synapse_running {
+        synapse.stop();
+    }
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(bridge_binary())
+            .arg("check")
+            .env_clear()
+            .envs(&setup.env)
+            .env("MATRIX_HOMESERVER", &synapse.url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn line<'a>(report: &'a str, prefix: &str) -> &'a str {
+    report.lines().find(|l| l.contains(prefix)).unwrap_or_else(|| panic!("no line with {prefix:?} in:\n{report}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_setup_passes_every_check() {
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 1);
+    let (ok, report) = run_check(&api, true).await;
+    assert!(ok, "{report}");
+    assert!(line(&report, "as_token").starts_with("ok"), "{report}");
+    assert!(line(&report, "target clawdbot").contains("is running"), "{report}");
+    assert!(line(&report, "permissions clawdbot").contains("patch deployments/scale"), "{report}");
+    assert!(report.lines().all(|l| l.starts_with("ok")), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_permission_fails_the_check_and_is_named() {
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 1);
+    api.set_rbac(Some(vec![
+        RbacRule::new("get", "deployments/scale", "clawdbot"),
+        RbacRule::new("get", "deployments", "clawdbot"),
+        RbacRule::new("patch", "deployments", "clawdbot"),
+        RbacRule::new("list", "deployments", "clawdbot"),
+        RbacRule::new("watch", "deployments", "clawdbot"),
+    ]));
+    let (ok, report) = run_check(&api, true).await;
+    assert!(!ok, "{report}");
+    let permissions = line(&report, "permissions clawdbot");
+    assert!(permissions.starts_with("FAIL"), "{report}");
+    assert!(permissions.contains("may not: patch deployments/scale"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_homeserver_fails_the_check_with_the_setting_to_fix() {
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 1);
+    let (ok, report) = run_check(&api, false).await;
+    assert!(!ok, "{report}");
+    assert!(line(&report, "homeserver").contains("fix MATRIX_HOMESERVER"), "{report}");
+}
