@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -13,14 +14,12 @@ use std::{
 use ruma::{
     EventId, OwnedEventId, OwnedRoomId, OwnedTransactionId, RoomId, UserId,
     api::client::{
-        filter::{FilterDefinition, RoomFilter},
         membership::{get_member_events, join_room_by_id, leave_room},
         message::send_message_event,
         state::get_state_event_for_key,
-        sync::sync_events,
     },
     events::{
-        AnyMessageLikeEvent, AnyStateEvent, AnyStrippedStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEventType,
+        AnyMessageLikeEvent, AnyStateEvent, AnyTimelineEvent, MessageLikeEvent, StateEventType,
         relation::InReplyTo,
         room::{
             history_visibility::HistoryVisibility,
@@ -39,6 +38,7 @@ use crate::{
     crypto::{CryptoCell, CryptoError, Decryption},
     matrix::{MatrixClient, MatrixError},
     metrics::{KindLabel, Metrics},
+    policy::RateLimiter,
     rooms::Rooms,
     scaler::{Change, ScaleError, Scaler, State, WorkloadStatus},
     store::{Job, Parked, Progress, Store, StoreError},
@@ -123,6 +123,7 @@ pub struct Bridge {
     scaler: Result<Scaler, ScaleError>,
     names: BotNames,
     refusals: Mutex<HashMap<OwnedRoomId, i64>>,
+    limiter: RateLimiter,
 }
 
 impl Bridge {
@@ -138,6 +139,7 @@ impl Bridge {
         scaler: Result<Scaler, ScaleError>,
     ) -> Self {
         let names = BotNames::new(config.bot_user_id.as_str(), &config.display_name);
+        let config_limit = config.commands_per_minute;
         let outbox = Arc::new(Outbox { matrix: matrix.clone(), rooms: rooms.clone(), crypto: crypto.clone() });
         Self {
             config,
@@ -150,6 +152,7 @@ impl Bridge {
             scaler,
             names,
             refusals: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::new(config_limit),
         }
     }
 
@@ -274,7 +277,22 @@ impl Bridge {
             }
             return Ok(());
         }
+        let gone = matches!(membership, MembershipState::Leave | MembershipState::Ban);
         self.rooms.set_membership(&room, &user, membership);
+        if gone && self.config.leave_rooms_without_allowed_users && self.rooms.is_loaded(&room) {
+            let anyone_allowed = self.rooms.get(&room).is_some_and(|r| {
+                r.members.iter().any(|(u, m)| {
+                    matches!(m, MembershipState::Join | MembershipState::Invite) && self.config.allowed_users.allows(u)
+                })
+            });
+            if !anyone_allowed {
+                tracing::info!(room_id = %room, "no allowed user is left; leaving the room");
+                let mut request = leave_room::v3::Request::new(room.clone());
+                request.reason = Some("no allowed user is left in this room".into());
+                self.matrix.send(request).await?;
+                self.rooms.forget(&room);
+            }
+        }
         Ok(())
     }
 
@@ -304,35 +322,6 @@ impl Bridge {
             }
         }
         Ok(())
-    }
-
-    /// Finds invites that are waiting (sent before we were running) with one `/sync` at
-    /// start-up and treats each like a new invite: join if the inviter is allowed, else reject.
-    pub async fn handle_pending_invites(&self) -> Result<usize, BridgeError> {
-        let mut filter = FilterDefinition::ignore_all();
-        filter.room = RoomFilter::ignore_all();
-        filter.room.rooms = None;
-        let mut request = sync_events::v3::Request::new();
-        request.filter = Some(sync_events::v3::Filter::FilterDefinition(filter));
-        request.timeout = Some(Duration::ZERO);
-        // NB: without a device: a device's /sync would take the to-device messages (room keys)
-        // that must reach us in transactions.
-        let response = self.matrix.send_without_device(request).await?;
-        let mut handled = 0;
-        for (room, invited) in response.rooms.invite {
-            let inviter = invited.invite_state.events.iter().find_map(|raw| {
-                let ev = raw.deserialize().ok()?;
-                match ev {
-                    AnyStrippedStateEvent::RoomMember(m) if m.state_key == *self.matrix.bot() => Some(m.sender),
-                    _ => None,
-                }
-            });
-            if let Some(inviter) = inviter {
-                self.on_invite(room, &inviter).await?;
-                handled += 1;
-            }
-        }
-        Ok(handled)
     }
 
     /// Loads the member list and encryption state of `room` from the homeserver.
@@ -389,11 +378,11 @@ impl Bridge {
 
         let age_ms = job.received_ms - i64::from(message.origin_server_ts.0);
         let reply = if age_ms > self.config.command_max_age.as_millis() as i64 {
-            let minutes = age_ms / 60_000;
             tracing::info!(event_id = %message.event_id, age_ms, "ignoring an old command");
             Some(Reply::text(format!(
-                "ignored: sent {minutes} min ago (commands older than {} min are not run)",
-                self.config.command_max_age.as_secs() / 60
+                "ignored: sent {} ago (commands older than {} are not run)",
+                human_duration(Duration::from_millis(age_ms as u64)),
+                human_duration(self.config.command_max_age)
             )))
         } else {
             None
@@ -417,12 +406,23 @@ impl Bridge {
                     },
                     _ => None,
                 };
+                let limited = matches!(parsed, Parsed::Command(_)) && !self.limiter.allow(sender, job.received_ms);
                 let (reply, follow_up) = match (refusal, parsed) {
                     (Some(refusal), _) => {
                         self.metrics.error("untrusted_device");
                         (Some(refusal), None)
                     }
-                    (None, Parsed::Command(cmd)) => self.execute(&cmd, sender, to_bot, job).await,
+                    (None, Parsed::Command(_)) if limited => {
+                        self.metrics.error("rate_limited");
+                        (
+                            Some(format!(
+                                "Slow down: at most {} commands a minute. Try again shortly.",
+                                self.limiter.per_minute()
+                            )),
+                            None,
+                        )
+                    }
+                    (None, Parsed::Command(cmd)) => self.execute(&cmd, message, to_bot, job).await,
                     (None, Parsed::Invalid(why)) => (Some(why), None),
                     (None, Parsed::NotACommand) => (
                         Some(format!(
@@ -494,10 +494,11 @@ impl Bridge {
     async fn execute(
         &self,
         cmd: &Command,
-        sender: &UserId,
+        message: &OriginalRoomMessageEvent,
         to_bot: bool,
         job: &Job,
     ) -> (Option<String>, Option<FollowUp>) {
+        let sender = &message.sender;
         self.metrics.commands.get_or_create(&KindLabel { kind: cmd.name().into() }).inc();
         tracing::info!(command = %cmd, sender = %sender, "command");
         match cmd {
@@ -538,7 +539,7 @@ impl Bridge {
                 {
                     return (Some(format!("{} allows at most {} replicas.", first.name, first.max_replicas)), None);
                 }
-                match scaler.start(first, *replicas).await {
+                match self.patiently(message, scaler.start(first, *replicas)).await {
                     Ok(Change::Scaled { from, to }) => {
                         self.metrics
                             .transaction_to_patch_seconds
@@ -558,7 +559,7 @@ impl Bridge {
                     }
                 }
             }
-            Command::Stop { .. } => match scaler.stop(first).await {
+            Command::Stop { .. } => match self.patiently(message, scaler.stop(first)).await {
                 Ok(Change::Scaled { from, .. }) => {
                     self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                     tracing::info!(target = %first.name, from, "scaled to zero");
@@ -575,6 +576,25 @@ impl Bridge {
             },
             Command::List | Command::Help | Command::Approve { .. } => unreachable!("answered above"),
         }
+    }
+
+    /// Awaits a Kubernetes call; if it takes longer than the configured time, tells the
+    /// sender that it is still being tried.
+    async fn patiently<T>(&self, message: &OriginalRoomMessageEvent, work: impl Future<Output = T>) -> T {
+        let work = std::pin::pin!(work);
+        let mut work = work;
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tokio::time::sleep(self.config.slow_notice) => {}
+        }
+        let notice = Reply::text("Kubernetes is slow to answer; still trying…");
+        if let Err(e) = self
+            .send_notice(&message.room_id, Some(&message.event_id), &notice, &txn_id("slow", &message.event_id))
+            .await
+        {
+            tracing::warn!(error = %e, "could not say that Kubernetes is slow");
+        }
+        work.await
     }
 
     async fn approve(&self, user: &str) -> String {
@@ -686,6 +706,16 @@ fn txn_id(kind: &str, event_id: &EventId) -> OwnedTransactionId {
     let safe: String =
         event_id.as_str().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
     format!("mkt-{kind}-{safe}").into()
+}
+
+/// "45 s", "3 min", "2 h".
+pub fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        _ => format!("{} h", secs / 3600),
+    }
 }
 
 fn elapsed_since_ms(ms: i64) -> Duration {

@@ -149,6 +149,12 @@ pub struct Config {
     pub decryption_wait: Duration,
     /// What to tell users who are not allowed.
     pub refusal: RefusalMode,
+    /// Commands a user may send per minute (0 = no limit).
+    pub commands_per_minute: u32,
+    /// Whether to leave rooms where no allowed user is left.
+    pub leave_rooms_without_allowed_users: bool,
+    /// After how long a slow Kubernetes call is announced as "still trying".
+    pub slow_notice: Duration,
     /// Which devices may command in encrypted rooms.
     pub trust_policy: TrustPolicy,
     /// Passphrase of the crypto store, if given.
@@ -176,6 +182,9 @@ impl fmt::Debug for Config {
             .field("rollout_timeout", &self.rollout_timeout)
             .field("decryption_wait", &self.decryption_wait)
             .field("refusal", &self.refusal)
+            .field("commands_per_minute", &self.commands_per_minute)
+            .field("leave_rooms_without_allowed_users", &self.leave_rooms_without_allowed_users)
+            .field("slow_notice", &self.slow_notice)
             .field("trust_policy", &self.trust_policy)
             .field("crypto_store_passphrase", &self.crypto_store_passphrase)
             .field("log_format", &self.log_format)
@@ -214,6 +223,9 @@ struct RawConfig {
     command_max_age_secs: Option<u64>,
     rollout_timeout_secs: Option<u64>,
     decryption_wait_secs: Option<u64>,
+    commands_per_minute: Option<u32>,
+    leave_rooms_without_allowed_users: Option<bool>,
+    slow_notice_secs: Option<u64>,
     unauthorized_reply: Option<RefusalMode>,
     trust_policy: Option<TrustPolicy>,
     crypto_store_passphrase_file: Option<PathBuf>,
@@ -408,6 +420,21 @@ impl Config {
             Some(v) => parse_secs("DECRYPTION_WAIT_SECS", v)?,
             None => raw.decryption_wait_secs.unwrap_or(30),
         });
+        let commands_per_minute = match get("COMMANDS_PER_MINUTE") {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| invalid("COMMANDS_PER_MINUTE", format!("{v:?} is not a whole number (0 = no limit)")))?,
+            None => raw.commands_per_minute.unwrap_or(10),
+        };
+        let leave_rooms_without_allowed_users = match get("LEAVE_ROOMS_WITHOUT_ALLOWED_USERS") {
+            Some(v) => parse_bool("LEAVE_ROOMS_WITHOUT_ALLOWED_USERS", v)?,
+            None => raw.leave_rooms_without_allowed_users.unwrap_or(true),
+        };
+        let slow_notice = Duration::from_secs(match get("SLOW_NOTICE_SECS") {
+            Some(v) => parse_secs("SLOW_NOTICE_SECS", v)?,
+            None => raw.slow_notice_secs.unwrap_or(5),
+        });
         let refusal = match get("UNAUTHORIZED_REPLY") {
             Some(v) => parse_enum("UNAUTHORIZED_REPLY", v, "silent, hourly")?,
             None => raw.unauthorized_reply.unwrap_or_default(),
@@ -454,6 +481,9 @@ impl Config {
             rollout_timeout,
             decryption_wait,
             refusal,
+            commands_per_minute,
+            leave_rooms_without_allowed_users,
+            slow_notice,
             trust_policy,
             crypto_store_passphrase,
             log_filter,

@@ -87,6 +87,42 @@ impl AllowList {
     }
 }
 
+/// Commands per user per minute; a sliding window over the arrival times (ms).
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    per_minute: u32,
+    seen: std::sync::Mutex<std::collections::HashMap<OwnedUserId, std::collections::VecDeque<i64>>>,
+}
+
+impl RateLimiter {
+    /// A limiter allowing `per_minute` commands per user (0 = no limit).
+    pub fn new(per_minute: u32) -> Self {
+        RateLimiter { per_minute, seen: Default::default() }
+    }
+
+    /// The configured limit.
+    pub fn per_minute(&self) -> u32 {
+        self.per_minute
+    }
+
+    /// Whether `user` may run a command arriving at `now_ms`; counts it when so.
+    pub fn allow(&self, user: &UserId, now_ms: i64) -> bool {
+        if self.per_minute == 0 {
+            return true;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let times = seen.entry(user.to_owned()).or_default();
+        while times.front().is_some_and(|t| now_ms - t >= 60_000) {
+            times.pop_front();
+        }
+        if times.len() >= self.per_minute as usize {
+            return false;
+        }
+        times.push_back(now_ms);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +151,24 @@ mod tests {
     fn a_list_accepts_commas_and_spaces() {
         let list = AllowList::parse_list(" @a:x.org, @b:y.org ,@*:z.org").unwrap();
         assert_eq!(list.0.len(), 3);
+    }
+
+    #[test]
+    fn the_rate_limit_counts_per_user_over_a_sliding_minute() {
+        let limiter = RateLimiter::new(2);
+        let (a, b) = (user("@a:x.org"), user("@b:x.org"));
+        assert!(limiter.allow(&a, 0));
+        assert!(limiter.allow(&a, 1_000));
+        assert!(!limiter.allow(&a, 2_000));
+        assert!(limiter.allow(&b, 2_000), "another user has their own budget");
+        assert!(limiter.allow(&a, 60_000), "the first command left the window");
+        assert!(!limiter.allow(&a, 60_500));
+    }
+
+    #[test]
+    fn a_zero_rate_limit_allows_everything() {
+        let limiter = RateLimiter::new(0);
+        assert!((0..1000).all(|i| limiter.allow(&user("@a:x.org"), i)));
     }
 
     #[test]

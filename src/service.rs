@@ -111,14 +111,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let sweeper = tokio::spawn(sweep_undecryptable(bridge.clone(), stop_rx.clone()));
     let worker = tokio::spawn(worker::run(store.clone(), bridge.clone(), work, stop_rx.clone()));
     let startup = {
-        let (matrix, config, bridge) = (matrix.clone(), config.clone(), bridge.clone());
+        let (matrix, config) = (matrix.clone(), config.clone());
         tokio::spawn(async move {
             startup::run(&matrix, &config.registration.id, &config.registration.url, &config.display_name).await;
-            match bridge.handle_pending_invites().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(invites = n, "handled invites that were waiting"),
-                Err(e) => tracing::warn!(error = %e, "could not look for waiting invites"),
-            }
         })
     };
     let probe = tokio::spawn(probe_homeserver(matrix.base_url().to_owned(), reachable, stop_rx.clone()));

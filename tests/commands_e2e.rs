@@ -19,11 +19,12 @@ const WAIT: Duration = Duration::from_secs(30);
 const BOT: &str = "@toggle:localhost";
 
 struct Stack {
-    _dir: tempfile::TempDir,
     synapse: Synapse,
     bridge: BridgeProcess,
     api: TestApiServer,
     hs_token: String,
+    // NB: last, so the scratch directory outlives the processes using it.
+    _dir: tempfile::TempDir,
 }
 
 async fn stack_with(configure: impl FnOnce(BridgeSetup, &std::path::Path) -> BridgeSetup, api: TestApiServer) -> Stack {

@@ -23,12 +23,13 @@ fn bot() -> OwnedUserId {
 }
 
 struct Stack {
-    dir: tempfile::TempDir,
     synapse: Synapse,
     bridge: BridgeProcess,
     api: TestApiServer,
     hs_token: String,
     _proxy: Option<Proxy>,
+    // NB: last, so the scratch directory outlives the processes using it.
+    dir: tempfile::TempDir,
 }
 
 async fn stack(with_proxy: bool) -> Stack {

@@ -37,6 +37,8 @@ pub(crate) struct Knobs {
     pub rbac: Option<Vec<RbacRule>>,
     pub faults: Faults,
     pub latency: Duration,
+    /// Delay after a changing request was carried out, before its answer is sent.
+    pub answer_delay: Duration,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,6 +56,7 @@ impl Cluster {
                     rbac: None,
                     faults: Faults::default(),
                     latency: Duration::ZERO,
+                    answer_delay: Duration::ZERO,
                 }),
                 requests: Mutex::new(Vec::new()),
                 wake: Notify::new(),
@@ -120,6 +123,12 @@ impl Cluster {
     /// Delays every API response by `latency` (zero to stop).
     pub fn set_latency(&self, latency: Duration) {
         self.knobs().latency = latency;
+    }
+
+    /// Delays answers to changing requests (PATCH, PUT, POST, DELETE) by `delay` after they
+    /// were carried out: a client that gives up meanwhile still changed the cluster.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.knobs().answer_delay = delay;
     }
 
     /// Every API request so far, oldest first.

@@ -38,6 +38,16 @@ struct Incoming {
 }
 
 async fn api(State(cluster): State<Cluster>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let changes = matches!(method, Method::PATCH | Method::PUT | Method::POST | Method::DELETE);
+    let response = carry_out(&cluster, method, uri, headers, body).await;
+    let delay = cluster.knobs().answer_delay;
+    if changes && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+async fn carry_out(cluster: &Cluster, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path();
     let raw_query = uri.query().unwrap_or_default();
     let content_type = header_text(&headers, header::CONTENT_TYPE);
@@ -47,6 +57,7 @@ async fn api(State(cluster): State<Cluster>, method: Method, uri: Uri, headers: 
         query: raw_query.to_owned(),
         content_type: content_type.clone(),
         body: String::from_utf8_lossy(&body).into_owned(),
+        received_at: std::time::SystemTime::now(),
     });
     let request = ApiRequest::parse(method.as_str(), path, raw_query);
     let attributes = request.attributes();
@@ -81,7 +92,7 @@ async fn api(State(cluster): State<Cluster>, method: Method, uri: Uri, headers: 
             .unwrap_or_else(|| "unknown".to_owned())
     });
     let incoming = Incoming { request, method, content_type, manager, body };
-    serve(&cluster, incoming, rules).unwrap_or_else(IntoResponse::into_response)
+    serve(cluster, incoming, rules).unwrap_or_else(IntoResponse::into_response)
 }
 
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {

@@ -1,5 +1,7 @@
 //! The request log: every API request as it arrived, for tests to assert on.
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
 
 /// One request to the Kubernetes API (the `/_test/` admin API is not logged).
@@ -16,6 +18,8 @@ pub struct RecordedRequest {
     pub content_type: Option<String>,
     /// The body as text (lossy UTF-8).
     pub body: String,
+    /// When the request arrived (before any injected latency or fault), for latency benchmarks.
+    pub received_at: SystemTime,
 }
 
 impl RecordedRequest {
@@ -46,6 +50,7 @@ mod tests {
             query: "&fieldSelector=metadata.name%3Dweb&limit=500".to_owned(),
             content_type: None,
             body: String::new(),
+            received_at: SystemTime::UNIX_EPOCH,
         };
         assert_eq!(request.query_param("fieldSelector").as_deref(), Some("metadata.name=web"));
         assert_eq!(request.query_param("watch"), None);

@@ -151,6 +151,11 @@ impl TestApiServer {
         self.cluster.set_latency(latency);
     }
 
+    /// Delays answers to changing requests by `delay` after they were carried out.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.cluster.set_answer_delay(delay);
+    }
+
     /// Every API request so far, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.cluster.requests()

@@ -1,0 +1,157 @@
+#![recursion_limit = "256"]
+//! Faults survived: our server killed mid-command, Synapse down when we reply, the
+//! Kubernetes API failing or gone, and our server down while commands queue up.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{
+    bridge::{BridgeProcess, BridgeSetup},
+    client::User,
+    eventually, scratch_dir,
+    synapse::Synapse,
+};
+use test_apiserver::{ControllerMode, Fault, TestApiServer};
+
+const WAIT: Duration = Duration::from_secs(40);
+const BOT: &str = "@toggle:localhost";
+
+struct Stack {
+    synapse: Synapse,
+    bridge: BridgeProcess,
+    api: TestApiServer,
+    // NB: last, so the scratch directory outlives the processes using it.
+    _dir: tempfile::TempDir,
+}
+
+async fn stack(extra: &[(&str, &str)]) -> Stack {
+    let dir = scratch_dir();
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 0);
+    api.set_controller(ControllerMode::Ready { after: Duration::from_millis(200) });
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let mut setup = BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap());
+    for (k, v) in extra {
+        setup = setup.env(k, v);
+    }
+    let synapse = Synapse::start(dir.path(), &setup.registration);
+    let bridge = setup.start(&synapse.url).await;
+    Stack { _dir: dir, synapse, bridge, api }
+}
+
+impl Stack {
+    async fn alice_in_dm(&self) -> (User, String) {
+        let (id, token) = self.synapse.register("alice").await;
+        let alice = User::new(&self.synapse.url, id, token);
+        let room = alice.create_room(&[BOT], false).await;
+        alice.wait_for_membership(&room, BOT, "join", WAIT).await;
+        (alice, room)
+    }
+
+    fn scale_patches(&self) -> usize {
+        self.api.requests().iter().filter(|r| r.method == "PATCH" && r.path.ends_with("/scale")).count()
+    }
+
+    async fn wait_for_patch(&self) {
+        eventually(WAIT, "the scale PATCH to reach the apiserver", || async {
+            (self.scale_patches() > 0).then_some(())
+        })
+        .await;
+    }
+}
+
+fn body(e: &Value) -> &str {
+    e["content"]["body"].as_str().unwrap_or_default()
+}
+
+fn replies_to<'a>(replies: &'a [Value], event_id: &str) -> Vec<&'a Value> {
+    replies.iter().filter(|r| r["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_right_after_the_patch_causes_no_second_patch_and_exactly_one_reply() {
+    let mut s = stack(&[]).await;
+    let (alice, room) = s.alice_in_dm().await;
+    s.api.set_answer_delay(Duration::from_secs(3));
+    let command = alice.send_text(&room, "start").await;
+    s.wait_for_patch().await;
+    s.bridge.kill();
+    s.api.set_answer_delay(Duration::ZERO);
+    assert_eq!(s.api.replicas(test_apiserver::WorkloadKind::Deployment, "clawdbot", "clawdbot").unwrap().0, 1);
+
+    s.bridge.start_again().await;
+    alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replies = alice.messages_from(&room, BOT).await;
+    let answers = replies_to(&replies, &command);
+    assert_eq!(answers.len(), 1, "{replies:?}");
+    assert!(body(answers[0]).contains("clawdbot is already on (1 replicas)"), "{replies:?}");
+    assert_eq!(s.scale_patches(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_waits_while_synapse_is_down_and_is_delivered_when_it_is_back() {
+    let s = stack(&[]).await;
+    let (alice, room) = s.alice_in_dm().await;
+    s.api.set_answer_delay(Duration::from_secs(2));
+    let command = alice.send_text(&room, "start").await;
+    s.wait_for_patch().await;
+    s.synapse.stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    s.synapse.start_again();
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    let answers = replies_to(&replies, &command);
+    assert_eq!(answers.len(), 1, "{replies:?}");
+    assert!(body(answers[0]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
+    assert_eq!(s.scale_patches(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_errors_for_a_while_are_retried_and_the_user_is_told_it_is_slow() {
+    let s = stack(&[("SLOW_NOTICE_SECS", "1")]).await;
+    let (alice, room) = s.alice_in_dm().await;
+    for status in [503, 500, 429, 503] {
+        s.api.inject_fault(Fault::new(status, 1).on_method("PATCH"));
+    }
+    alice.send_text(&room, "start").await;
+    let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    assert_eq!(body(&replies[0]), "Kubernetes is slow to answer; still trying…", "{replies:?}");
+    assert!(body(&replies[1]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
+    assert_eq!(s.api.replicas(test_apiserver::WorkloadKind::Deployment, "clawdbot", "clawdbot").unwrap().0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_kubernetes_api_gets_a_clear_reply() {
+    let s = stack(&[("SLOW_NOTICE_SECS", "60")]).await;
+    let (alice, room) = s.alice_in_dm().await;
+    // NB: `_dir` first, so it is dropped last.
+    let Stack { _dir, synapse: _synapse, bridge: _bridge, api } = s;
+    api.shutdown().await;
+    alice.send_text(&room, "stop").await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    let text = body(&replies[0]);
+    assert!(text.starts_with("⚠️ Could not stop clawdbot: the Kubernetes API is unavailable"), "{text}");
+    assert!(text.contains("try again later"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_while_we_were_down_are_handled_in_order_and_old_ones_are_not_run() {
+    let mut s = stack(&[("COMMAND_MAX_AGE_SECS", "3")]).await;
+    let (alice, room) = s.alice_in_dm().await;
+    assert!(s.bridge.terminate().success());
+    let old = alice.send_text(&room, "start").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let fresh = alice.send_text(&room, "status").await;
+    s.bridge.start_again().await;
+
+    let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    assert_eq!(replies[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], old.as_str(), "{replies:?}");
+    assert!(body(&replies[0]).starts_with("ignored: sent "), "{replies:?}");
+    assert!(body(&replies[0]).contains("s ago (commands older than 3 s are not run)"), "{replies:?}");
+    assert_eq!(replies[1]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], fresh.as_str(), "{replies:?}");
+    assert!(body(&replies[1]).starts_with("clawdbot is off"), "{replies:?}");
+    assert_eq!(s.scale_patches(), 0);
+}
