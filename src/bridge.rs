@@ -183,7 +183,26 @@ impl Bridge {
         let Some(crypto) = self.crypto.get() else {
             return Err(BridgeError::WouldLeakPlaintext(room.to_owned()));
         };
-        match crypto.decrypt(&job.event, room).await {
+        let mut decryption = crypto.decrypt(&job.event, room).await;
+        if let Decryption::Decrypted { info, .. } = &decryption
+            && unknown_sending_device(info)
+        {
+            // NB: the sender's new device may not be known yet: ask once, then decrypt again.
+            if let Err(e) = crypto.refresh_devices(sender).await {
+                tracing::debug!(error = %e, "could not refresh the sender's devices");
+            }
+            decryption = crypto.decrypt(&job.event, room).await;
+        }
+        match decryption {
+            Decryption::Decrypted { info, .. } if unknown_sending_device(&info) => {
+                self.metrics.error("forged_event");
+                tracing::warn!(
+                    event_id = %job.event_id,
+                    sender = %sender,
+                    "refusing an encrypted event whose session does not belong to a device of its claimed sender"
+                );
+                Ok(())
+            }
             Decryption::Decrypted { event, info } => {
                 if job.attempts > 0 {
                     self.metrics.crypto("recovered");
@@ -657,6 +676,17 @@ impl Bridge {
     }
 }
 
+/// Whether the Megolm session of a decrypted event cannot be tied to a device of the event's
+/// claimed sender (a forged sender, or a device we do not know).
+fn unknown_sending_device(info: &EncryptionInfo) -> bool {
+    use matrix_sdk_common::deserialized_responses::{VerificationLevel, VerificationState};
+    info.sender_device.is_none()
+        || matches!(
+            info.verification_state,
+            VerificationState::Unverified(VerificationLevel::None(_) | VerificationLevel::MismatchedSender)
+        )
+}
+
 /// What to watch after a start or stop.
 struct FollowUp {
     target: Target,
@@ -765,8 +795,14 @@ pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) ->
 /// How long to wait before retrying after a transient failure.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 
+/// How long a job waits for encryption to be set up before it is handled anyway.
+const CRYPTO_SETUP_WAIT: Duration = Duration::from_secs(10);
+
 impl JobHandler for Bridge {
     async fn handle(&self, job: &Job) -> Outcome {
+        // NB: joining or answering before our device exists would make clients leave the bot
+        // out of their room keys.
+        self.crypto.wait(CRYPTO_SETUP_WAIT).await;
         let event = match Raw::<AnyTimelineEvent>::from_json_string(job.event.clone()).and_then(|r| r.deserialize()) {
             Ok(event) => event,
             Err(e) => {

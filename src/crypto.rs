@@ -472,6 +472,17 @@ impl Crypto {
         }
     }
 
+    /// Asks the homeserver for `user`'s current devices (a device that just appeared may
+    /// not be known yet when its first message arrives).
+    pub async fn refresh_devices(&self, user: &UserId) -> Result<(), CryptoError> {
+        let (id, request) = self.machine.query_keys_for_users([user]);
+        let mut query = get_keys::v3::Request::new();
+        query.device_keys = request.device_keys;
+        let response = self.matrix.send(query).await?;
+        self.machine.mark_request_as_sent(&id, &response).await?;
+        Ok(())
+    }
+
     /// Checks the sending device against the trust policy; `Err` is the reply to give.
     pub async fn check_trust(&self, info: &EncryptionInfo, policy: TrustPolicy) -> Result<(), String> {
         let sender = &info.sender;

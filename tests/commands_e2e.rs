@@ -242,3 +242,17 @@ async fn a_statefulset_target_from_the_config_file_is_scaled() {
     let status = body(&replies[4]);
     assert!(status.contains("web is running: 1/1") && status.contains("db is running: 2/2"), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bot_leaves_a_room_where_no_allowed_user_is_left() {
+    let s = stack(0).await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(&[BOT, &bob.user_id], false).await;
+    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
+    bob.join(&room).await;
+    alice.send_text(&room, "!toggle status").await;
+    alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    alice.leave(&room).await;
+    bob.wait_for_membership(&room, BOT, "leave", WAIT).await;
+}

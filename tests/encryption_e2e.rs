@@ -33,6 +33,10 @@ struct Stack {
 }
 
 async fn stack(with_proxy: bool) -> Stack {
+    stack_with(with_proxy, &[]).await
+}
+
+async fn stack_with(with_proxy: bool, extra: &[(&str, &str)]) -> Stack {
     let dir = scratch_dir();
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", 0);
@@ -43,6 +47,9 @@ async fn stack(with_proxy: bool) -> Stack {
         .env("KUBECONFIG", kubeconfig.to_str().unwrap())
         .env("ALLOWED_USERS", "@alice:localhost")
         .env("ROLLOUT_TIMEOUT_SECS", "20");
+    for (k, v) in extra {
+        setup = setup.env(k, v);
+    }
     let mut proxy = None;
     if with_proxy {
         let behind = free_port();
@@ -80,6 +87,10 @@ impl Stack {
 async fn encrypted_room_with_bot(alice: &E2eeClient) -> matrix_sdk::ruma::OwnedRoomId {
     let room = alice.create_encrypted_room(&[&bot()]).await;
     alice.wait_for_join(&room, &bot()).await;
+    support::eventually(Duration::from_secs(30), "alice's client to know the bot's device", || async {
+        (!alice.devices_of(&bot()).await.is_empty()).then_some(())
+    })
+    .await;
     room
 }
 
@@ -190,4 +201,151 @@ async fn a_command_whose_room_key_arrives_in_a_later_transaction_runs_exactly_on
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(s.scale_patches(), [json!({"spec":{"replicas":1}})]);
     assert_eq!(s.bridge.metric("matrix_k8s_toggle_crypto_total{kind=\"recovered\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_passphrases_and_decrypted_bodies_never_reach_the_log_above_trace() {
+    let passphrase = "correct-horse-battery-staple-42";
+    let s = stack_with(false, &[("RUST_LOG", "debug"), ("CRYPTO_STORE_PASSPHRASE", passphrase)]).await;
+    let alice = s.person("alice", "1").await;
+    let room = encrypted_room_with_bot(&alice).await;
+    alice.send_text(&room, "unicorn-secret-7781").await;
+    let replies = alice.wait_for_messages(&room, &bot(), 1).await;
+    assert!(replies[0].body.starts_with("Unknown command: unicorn-secret-7781"), "{replies:?}");
+    alice.send_text(&room, "start").await;
+    alice.wait_for_messages(&room, &bot(), 3).await;
+
+    let log = s.bridge.log();
+    assert!(log.contains("DEBUG"), "the log was not at debug level");
+    let registration: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(s.dir.path().join("registration.yaml")).unwrap()).unwrap();
+    for (what, secret) in [
+        ("as_token", registration["as_token"].as_str().unwrap()),
+        ("hs_token", registration["hs_token"].as_str().unwrap()),
+        ("passphrase", passphrase),
+        ("decrypted body", "unicorn-secret-7781"),
+    ] {
+        assert!(!log.contains(secret), "the {what} appears in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_and_then_a_damaged_crypto_store_are_replaced_by_a_new_device_that_works() {
+    let mut s = stack(false).await;
+    let alice = s.person("alice", "1").await;
+    let room = encrypted_room_with_bot(&alice).await;
+    alice.send_text(&room, "status").await;
+    alice.wait_for_messages(&room, &bot(), 1).await;
+    let mut previous = alice.devices_of(&bot()).await;
+
+    let crypto_dir = s.dir.path().join("state").join("crypto");
+    for (step, damage) in ["lost", "damaged"].into_iter().enumerate() {
+        assert!(s.bridge.terminate().success());
+        if damage == "lost" {
+            std::fs::remove_dir_all(&crypto_dir).unwrap();
+        } else {
+            for entry in std::fs::read_dir(&crypto_dir).unwrap() {
+                std::fs::write(entry.unwrap().path(), b"this is not a database").unwrap();
+            }
+        }
+        s.bridge.start_again().await;
+        let expected_log = if damage == "lost" {
+            "the crypto store for this device is gone"
+        } else {
+            "the crypto store is unreadable"
+        };
+        support::eventually(Duration::from_secs(30), "the bridge to make a new device", || async {
+            s.bridge.log().contains(expected_log).then_some(())
+        })
+        .await;
+        let devices = support::eventually(Duration::from_secs(30), "a single new cross-signed bot device", || async {
+            let d = alice.devices_of(&bot()).await;
+            (d.len() == 1 && d[0].0 != previous[0].0 && d[0].1).then_some(d)
+        })
+        .await;
+        assert!(devices[0].1, "the new device is not cross-signed: {devices:?}");
+        previous = devices;
+        alice.send_text(&room, "status").await;
+        let replies = alice.wait_for_messages(&room, &bot(), 2 + step).await;
+        assert!(replies[1 + step].body.starts_with("clawdbot is off"), "{damage}: {replies:?}");
+        assert!(replies[1 + step].encrypted);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_stays_unreadable_gets_one_answer_for_an_allowed_sender_and_none_for_others() {
+    let s = stack_with(true, &[("DECRYPTION_WAIT_SECS", "1")]).await;
+    let alice = s.person("alice", "1").await;
+    let room = encrypted_room_with_bot(&alice).await;
+    let bob = s.person("bob", "1").await;
+    alice.client.get_room(&room).unwrap().invite_user_by_id(&bob.user_id()).await.unwrap();
+    bob.room(&room).await;
+    bob.join(&room).await;
+    alice.wait_for_join(&room, &bob.user_id()).await;
+    alice.send_text(&room, "!toggle status").await;
+    alice.wait_for_messages(&room, &bot(), 1).await;
+
+    s.proxy().hold_to_device_from(alice.user_id().as_str());
+    s.proxy().hold_to_device_from(bob.user_id().as_str());
+    alice.client.get_room(&room).unwrap().discard_room_key().await.unwrap();
+    let lost = alice.send_text(&room, "!toggle start").await;
+    bob.send_text(&room, "!toggle start").await;
+    let replies = alice.wait_for_messages(&room, &bot(), 2).await;
+    assert!(replies[1].body.contains("I could not decrypt your message"), "{replies:?}");
+    assert!(replies[1].body.contains("send your command again"), "{replies:?}");
+    assert_eq!(replies[1].in_reply_to.as_ref(), Some(&lost));
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(alice.received_from(&room, &bot()).len(), 2, "bob was answered too");
+    assert!(s.scale_patches().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_cross_signed_policy_a_device_its_owner_did_not_verify_is_refused_with_the_reason() {
+    let s = stack_with(false, &[("TRUST_POLICY", "cross-signed")]).await;
+    let alice = s.person("alice", "1").await;
+    let room = encrypted_room_with_bot(&alice).await;
+    alice.send_text(&room, "start").await;
+    let replies = alice.wait_for_messages(&room, &bot(), 1).await;
+    assert!(replies[0].body.contains("TRUST_POLICY=cross-signed"), "{replies:?}");
+    assert!(replies[0].body.contains("verify this session"), "{replies:?}");
+    assert!(s.scale_patches().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_event_replayed_under_another_senders_name_is_refused() {
+    let s = stack_with(false, &[("ALLOWED_USERS", "@alice:localhost,@bob:localhost")]).await;
+    let alice = s.person("alice", "1").await;
+    let room = encrypted_room_with_bot(&alice).await;
+    let original = alice.send_text(&room, "start").await;
+    alice.wait_for_messages(&room, &bot(), 2).await;
+    assert_eq!(s.scale_patches().len(), 1);
+    s.api.clear_requests();
+    alice.send_text(&room, "stop").await;
+    alice.wait_for_messages(&room, &bot(), 4).await;
+    assert_eq!(s.scale_patches().len(), 1);
+
+    let token = alice.client.access_token().unwrap();
+    let url = format!(
+        "{}/_matrix/client/v3/rooms/{}/event/{}",
+        s.synapse.url,
+        support::client::enc(room.as_str()),
+        support::client::enc(original.as_str())
+    );
+    let mut event: Value =
+        reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(event["type"], "m.room.encrypted");
+    event["sender"] = json!("@bob:localhost");
+    event["event_id"] = json!("$forged-start-by-bob");
+    let resp = reqwest::Client::new()
+        .put(format!("{}/_matrix/app/v1/transactions/forged-1", s.bridge.url))
+        .bearer_auth(&s.hs_token)
+        .json(&json!({ "events": [event] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(s.scale_patches().len(), 1, "the replayed start ran");
+    let answers = alice.received_from(&room, &bot());
+    assert_eq!(answers.len(), 4, "the forged event got an answer: {answers:?}");
 }

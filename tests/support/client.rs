@@ -64,6 +64,11 @@ impl User {
         self.ok(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room)), Some(json!({}))).await;
     }
 
+    /// Leaves `room`.
+    pub async fn leave(&self, room: &str) {
+        self.ok(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(room)), Some(json!({}))).await;
+    }
+
     /// Sends a text message and returns its event id.
     pub async fn send_text(&self, room: &str, body: &str) -> String {
         let txn = self.txn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -17,7 +17,7 @@ const TO_DEVICE: &str = "de.sorunome.msc2409.to_device";
 #[derive(Default)]
 struct Inner {
     target: String,
-    hold_from: Mutex<Option<String>>,
+    hold_from: Mutex<Vec<String>>,
     held: Mutex<Vec<Value>>,
     released: Mutex<u32>,
 }
@@ -42,7 +42,7 @@ impl Proxy {
 
     /// Holds back to-device events sent by `sender` from now on.
     pub fn hold_to_device_from(&self, sender: &str) {
-        *self.inner.hold_from.lock().unwrap() = Some(sender.into());
+        self.inner.hold_from.lock().unwrap().push(sender.into());
     }
 
     /// How many to-device events are held.
@@ -52,7 +52,7 @@ impl Proxy {
 
     /// Stops holding and delivers the held events in a transaction of their own.
     pub async fn release(&self, hs_token: &str) {
-        *self.inner.hold_from.lock().unwrap() = None;
+        self.inner.hold_from.lock().unwrap().clear();
         let held: Vec<Value> = std::mem::take(&mut *self.inner.held.lock().unwrap());
         let n = {
             let mut r = self.inner.released.lock().unwrap();
@@ -81,11 +81,13 @@ async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response 
     let bytes: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     let mut body = bytes.to_vec();
     let hold_from = inner.hold_from.lock().unwrap().clone();
-    if let (Some(sender), true) = (hold_from, parts.uri.path().contains("/transactions/"))
+    if !hold_from.is_empty()
+        && parts.uri.path().contains("/transactions/")
         && let Ok(mut txn) = serde_json::from_slice::<Value>(&body)
         && let Some(list) = txn.get_mut(TO_DEVICE).and_then(Value::as_array_mut)
     {
-        let (held, kept): (Vec<Value>, Vec<Value>) = list.drain(..).partition(|e| e["sender"] == sender.as_str());
+        let (held, kept): (Vec<Value>, Vec<Value>) =
+            list.drain(..).partition(|e| hold_from.iter().any(|s| e["sender"] == s.as_str()));
         inner.held.lock().unwrap().extend(held);
         *list = kept;
         body = serde_json::to_vec(&txn).unwrap();

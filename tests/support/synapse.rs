@@ -41,6 +41,13 @@ pub struct Synapse {
 impl Synapse {
     /// Configures and starts a Synapse in `dir` with one appservice registration.
     pub fn start(dir: &Path, registration: &Path) -> Synapse {
+        Self::start_with_registrations(dir, &[registration])
+    }
+
+    /// Configures and starts a Synapse in `dir` with several appservice registrations (the
+    /// first one as `start` has it, the others appended to `app_service_config_files`).
+    pub fn start_with_registrations(dir: &Path, registrations: &[&Path]) -> Synapse {
+        let (first, others) = registrations.split_first().expect("at least one registration");
         ensure_venv();
         let dir = dir.join("synapse");
         std::fs::create_dir_all(&dir).unwrap();
@@ -49,9 +56,12 @@ impl Synapse {
             "config",
             dir.to_str().unwrap(),
             &port.to_string(),
-            registration.to_str().unwrap(),
+            first.to_str().unwrap(),
             SERVER_NAME,
         ]));
+        if !others.is_empty() {
+            add_registrations(&dir.join("homeserver.yaml"), others);
+        }
         let synapse = Synapse {
             pid: std::sync::Mutex::new(None),
             url: format!("http://127.0.0.1:{port}"),
@@ -126,6 +136,30 @@ impl Drop for Synapse {
             let _ = Command::new("kill").args(["-KILL", &pid]).status();
         }
     }
+}
+
+/// Appends `registrations` to the `app_service_config_files` list of a homeserver.yaml
+/// written by synapse.sh (one `  - "path"` line per file under the key).
+fn add_registrations(config: &Path, registrations: &[&Path]) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim_end() == "app_service_config_files:" {
+            while lines.peek().is_some_and(|l| l.trim_start().starts_with("- ")) {
+                out.push_str(lines.next().unwrap());
+                out.push('\n');
+            }
+            for path in registrations {
+                let absolute = std::fs::canonicalize(path).unwrap();
+                // NB: a JSON string is a YAML string.
+                out.push_str(&format!("  - {}\n", serde_json::to_string(absolute.to_str().unwrap()).unwrap()));
+            }
+        }
+    }
+    std::fs::write(config, out).unwrap();
 }
 
 fn run(cmd: &mut Command) {
