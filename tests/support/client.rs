@@ -39,6 +39,11 @@ impl User {
         v
     }
 
+    /// The access token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Creates a room (a DM-like private chat when `invite` is one user) and returns its id.
     pub async fn create_room(&self, invite: &[&str], encrypted: bool) -> String {
         let mut body = json!({ "preset": "private_chat", "invite": invite });
