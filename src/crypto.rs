@@ -617,13 +617,18 @@ pub const RETRY_SETUP: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct CryptoCell {
     tx: tokio::sync::watch::Sender<Option<Arc<Crypto>>>,
+    without_key_counts: std::sync::atomic::AtomicU32,
 }
 
 impl Default for CryptoCell {
     fn default() -> Self {
-        Self { tx: tokio::sync::watch::channel(None).0 }
+        Self { tx: tokio::sync::watch::channel(None).0, without_key_counts: Default::default() }
     }
 }
+
+/// Transactions with room events but no key counts after which the MSC3202 settings are
+/// reported missing.
+const MISSING_COUNTS_WARNING_AFTER: u32 = 3;
 
 /// How long a transaction waits for the crypto machine to be set up.
 const INGEST_WAIT: Duration = Duration::from_secs(30);
@@ -647,12 +652,40 @@ impl CryptoCell {
     }
 }
 
+impl CryptoCell {
+    /// Warns once when Synapse sends room events but never key counts: the MSC3202 settings
+    /// are missing on one side (there is no other way to detect them).
+    fn notice_missing_key_counts(&self, txn: &Transaction) {
+        use std::sync::atomic::Ordering;
+        if !txn.device_one_time_keys_count.is_empty() {
+            self.without_key_counts.store(u32::MAX, Ordering::Relaxed);
+            return;
+        }
+        if txn.events.is_empty() || self.get().is_none() {
+            return;
+        }
+        let seen = self.without_key_counts.load(Ordering::Relaxed);
+        if seen == u32::MAX {
+            return;
+        }
+        self.without_key_counts.store(seen + 1, Ordering::Relaxed);
+        if seen + 1 == MISSING_COUNTS_WARNING_AFTER {
+            tracing::warn!(
+                "Synapse sends no one-time-key counts or device lists, so encrypted rooms will fail: set \
+                 `experimental_features: {{msc3202_transaction_extensions: true, msc2409_to_device_messages_enabled: true}}` \
+                 in homeserver.yaml and `org.matrix.msc3202: true` and `receive_ephemeral: true` in the registration, then restart Synapse"
+            );
+        }
+    }
+}
+
 impl crate::appservice::TransactionSink for CryptoCell {
     fn ingest<'a>(
         &'a self,
         txn: &'a Transaction,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
+            self.notice_missing_key_counts(txn);
             let has_crypto_data =
                 !txn.to_device.is_empty() || !txn.device_one_time_keys_count.is_empty() || !txn.device_lists.is_empty();
             if !has_crypto_data {

@@ -136,3 +136,25 @@ async fn invites_waiting_at_start_up_are_joined_only_when_the_inviter_is_allowed
     alice.wait_for_membership(&welcome, "@toggle:localhost", "join", WAIT).await;
     mallory.wait_for_membership(&lure, "@toggle:localhost", "leave", WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_without_msc3202_is_reported_in_the_log_with_the_fix() {
+    let dir = scratch_dir();
+    let setup = BridgeSetup::new(dir.path());
+    let text = std::fs::read_to_string(&setup.registration).unwrap();
+    std::fs::write(&setup.registration, text.replace("org.matrix.msc3202: true", "org.matrix.msc3202: false")).unwrap();
+    let synapse = Synapse::start(dir.path(), &setup.registration);
+    let bridge = setup.start(&synapse.url).await;
+    let (id, token) = synapse.register("alice").await;
+    let alice = User::new(&synapse.url, id, token);
+    let room = alice.create_room(&["@toggle:localhost"], false).await;
+    alice.wait_for_membership(&room, "@toggle:localhost", "join", WAIT).await;
+    for text in ["one", "two", "three"] {
+        alice.send_text(&room, text).await;
+    }
+    support::eventually(WAIT, "the missing-MSC3202 warning", || async {
+        bridge.log().contains("Synapse sends no one-time-key counts").then_some(())
+    })
+    .await;
+    assert!(bridge.log().contains("msc3202_transaction_extensions: true"));
+}
