@@ -273,6 +273,10 @@ pub fn parse_transaction(txn_id: &str, body: &[u8]) -> Result<Transaction, Matri
     if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
         return Err(MatrixErrorResponse::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", "body is not JSON"));
     }
+    // NB: serde would also read a JSON array as the struct's fields in order.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(MatrixErrorResponse::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "the body must be a JSON object"));
+    }
     let request = http::Request::builder()
         .method(http::Method::PUT)
         .uri(format!("/_matrix/app/v1/transactions/{}", urlencode(txn_id)))

@@ -295,6 +295,9 @@ impl fmt::Display for Command {
         if let Command::Start { replicas: Some(n), .. } = self {
             write!(f, " {n}")?;
         }
+        if let Command::Approve { user } = self {
+            write!(f, " {user}")?;
+        }
         Ok(())
     }
 }
