@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::ErrorKind,
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
     process::Command,
 };
 
@@ -786,6 +786,11 @@ fn ignored(rules: &[(bool, String)], path: &str) -> bool {
     out
 }
 
+/// A COPY destination as a path inside the build's work directory; it cannot climb out of it.
+fn inside(destination: &str) -> PathBuf {
+    Path::new(destination).components().filter(|c| matches!(c, Component::Normal(_))).collect()
+}
+
 /// Copies what `.dockerignore` lets through of `from` (relative to the repo) to `to`.
 fn copy_context(rules: &[(bool, String)], from: &str, to: &Path) {
     let source = repo().join(from);
@@ -835,32 +840,33 @@ fn the_docker_build_context_holds_the_sources_and_keeps_out_build_output_and_git
         for source in from {
             assert!(repo().join(source).exists(), "the Dockerfile copies {source}, which does not exist");
             assert!(!ignored(&rules, source), "the Dockerfile copies {source}, which .dockerignore leaves out");
-            let into = if from.len() == 1 && !destination.ends_with('/') {
-                destination.to_string()
-            } else {
-                format!("{destination}/{source}")
-            };
+            let mut into = inside(destination);
+            if from.len() > 1 || destination.ends_with('/') {
+                into.push(Path::new(source).file_name().unwrap());
+            }
             sources.push((source.to_string(), into));
         }
     }
 
-    // NB: the build context must be enough for cargo to load the workspace and check the lock
-    // file, e.g. when a workspace member or a [[bench]] target is added.
+    // NB: the build context must hold every workspace member and every declared target (a new
+    // member or [[bench]] breaks `cargo build --locked` in the image). `cargo metadata` does not
+    // check targets, so ask `cargo build` for a bin that does not exist: it loads the workspace,
+    // checks the lock file, then stops at that name before compiling anything.
     let dir = tempfile::tempdir().unwrap();
     for (source, into) in &sources {
-        let into = into.trim_start_matches("./").trim_end_matches('/');
         copy_context(&rules, source, &dir.path().join(into));
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let missing_bin = "no-such-bin-manifest-check";
     let output = Command::new(cargo)
-        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["build", "--locked", "--offline", "--release", "-p", "matrix-k8s-toggle", "--bin", missing_bin])
         .current_dir(dir.path())
         .env("CARGO_TARGET_DIR", dir.path().join("target"))
         .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        output.status.success(),
-        "cargo cannot load the workspace from what the Dockerfile copies:\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        stderr.contains(&format!("no bin target named `{missing_bin}`")),
+        "cargo cannot load the workspace from what the Dockerfile copies (add it to the COPY lines and to .dockerignore):\n{stderr}"
     );
 }
