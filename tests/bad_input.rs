@@ -239,12 +239,9 @@ fn a_deeply_nested_body_is_answered_without_overflowing_a_normal_stack() {
     });
 }
 
-/// Found while testing nested bodies: serde's derived `Deserialize` also reads a struct from a
-/// JSON array of its fields in order, so `[[event, ...]]` is taken as `{"events": [event, ...]}`
-/// and its events are queued. Only the authenticated homeserver can send it, but the spec's body
-/// is an object.
+/// Regression: serde's derived `Deserialize` also reads a struct from a JSON array of its
+/// fields in order, so `[[event, ...]]` was taken as `{"events": [event, ...]}`.
 #[tokio::test]
-#[ignore = "known quirk: a JSON array body is read as a transaction (serde sequence form)"]
 async fn a_transaction_body_that_is_an_array_is_400() {
     let f = fixture();
     let body = json!([[message("$from-an-array", "stop")]]).to_string();

@@ -248,11 +248,8 @@ proptest! {
     }
 }
 
-/// Found by fuzzing (`command_parsing`): `Command::Approve` prints as `approve`, without its
-/// user, so the logged command (`tracing::info!(command = %cmd, ...)` in the bridge) loses who
-/// was approved and the printed form does not read back. Un-ignore once `Display` prints it.
+/// Regression found by fuzzing (`command_parsing`): `Command::Approve` printed without its user.
 #[test]
-#[ignore = "known bug: Display for Command::Approve drops the user"]
 fn an_approve_command_prints_its_user() {
     let command = Command::Approve { user: "@bob:example.org".into() };
     assert_eq!(command.to_string(), "approve @bob:example.org");
