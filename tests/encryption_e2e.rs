@@ -349,3 +349,41 @@ async fn an_encrypted_event_replayed_under_another_senders_name_is_refused() {
     let answers = alice.received_from(&room, &bot());
     assert_eq!(answers.len(), 4, "the forged event got an answer: {answers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tofu_a_changed_identity_is_refused_until_another_allowed_user_approves_it() {
+    use matrix_sdk::ruma::api::client::uiaa::{AuthData, Password, UserIdentifier};
+    let s = stack_with(false, &[("ALLOWED_USERS", "@alice:localhost,@bob:localhost")]).await;
+    let alice = s.person("alice", "1").await;
+    alice.client.encryption().bootstrap_cross_signing(None).await.unwrap();
+    let bob = s.person("bob", "1").await;
+    let room = alice.create_encrypted_room(&[&bot(), &bob.user_id()]).await;
+    bob.room(&room).await;
+    bob.join(&room).await;
+    alice.wait_for_join(&room, &bot()).await;
+    support::eventually(Duration::from_secs(30), "alice's client to know the bot's device", || async {
+        (!alice.devices_of(&bot()).await.is_empty()).then_some(())
+    })
+    .await;
+    alice.send_text(&room, "!toggle status").await;
+    let replies = alice.wait_for_messages(&room, &bot(), 1).await;
+    assert!(replies[0].body.starts_with("clawdbot is off"), "{replies:?}");
+
+    if let Some(handle) = alice.client.encryption().reset_cross_signing().await.unwrap() {
+        let password = Password::new(UserIdentifier::from(alice.user_id()), "pw-alice-secret".into());
+        handle.auth(Some(AuthData::Password(password))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    alice.send_text(&room, "!toggle start").await;
+    let replies = alice.wait_for_messages(&room, &bot(), 2).await;
+    assert!(replies[1].body.contains("their encryption identity changed"), "{replies:?}");
+    assert!(s.scale_patches().is_empty());
+
+    bob.send_text(&room, "!toggle approve @alice:localhost").await;
+    let replies = alice.wait_for_messages(&room, &bot(), 3).await;
+    assert!(replies[2].body.starts_with("Approved @alice:localhost's new encryption identity"), "{replies:?}");
+    alice.send_text(&room, "!toggle start").await;
+    let replies = alice.wait_for_messages(&room, &bot(), 4).await;
+    assert!(replies[3].body.contains("clawdbot is starting"), "{replies:?}");
+    assert_eq!(s.scale_patches().len(), 1);
+}
