@@ -109,6 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         work.clone(),
     ));
     let sweeper = tokio::spawn(sweep_undecryptable(bridge.clone(), stop_rx.clone()));
+    let pruner = tokio::spawn(prune_state(store.clone(), stop_rx.clone()));
     let worker = tokio::spawn(worker::run(store.clone(), bridge.clone(), work, stop_rx.clone()));
     let startup = {
         let (matrix, config) = (matrix.clone(), config.clone());
@@ -128,6 +129,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     probe.abort();
     encryption.abort();
     sweeper.abort();
+    pruner.abort();
     if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
         tracing::warn!("the worker did not finish within {DRAIN_TIMEOUT:?}; its job resumes at the next start");
     }
@@ -147,6 +149,30 @@ async fn sweep_undecryptable(bridge: Arc<Bridge>, mut stop: watch::Receiver<bool
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         bridge.report_undecryptable(now_ms).await;
+    }
+}
+
+/// How often old transactions and handled jobs are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
+
+/// At start and then hourly, forgets state older than [`crate::store::RETENTION_MS`].
+async fn prune_state(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        match store.prune(now_ms - crate::store::RETENTION_MS) {
+            Ok(pruned) if pruned != Default::default() => {
+                tracing::info!(transactions = pruned.transactions, jobs = pruned.jobs, "forgot old handled work");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not prune the state database; retrying in an hour"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

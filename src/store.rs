@@ -68,6 +68,19 @@ pub struct Parked {
 /// Most encrypted events kept waiting for their keys; the oldest are dropped beyond it.
 pub const MAX_PARKED: i64 = 1000;
 
+/// How long handled transactions, jobs and command progress are remembered. Synapse re-sends a
+/// transaction only until it is answered, so a week is far beyond any re-delivery.
+pub const RETENTION_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+
+/// What [`Store::prune`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Transaction ids forgotten.
+    pub transactions: usize,
+    /// Handled jobs forgotten, with their command progress.
+    pub jobs: usize,
+}
+
 /// The state database.
 pub struct Store {
     conn: Mutex<Connection>,
@@ -285,6 +298,22 @@ impl Store {
         Ok(parked)
     }
 
+    /// Forgets transactions received, and handled jobs (with their progress) queued, before
+    /// `before_ms`, so the database stays small however long the bridge runs. Pending jobs are kept.
+    pub fn prune(&self, before_ms: i64) -> Result<Pruned, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let transactions = tx.execute("DELETE FROM transactions WHERE received_at < ?1", [before_ms])?;
+        tx.execute(
+            "DELETE FROM progress WHERE event_id IN
+             (SELECT event_id FROM jobs WHERE done = 1 AND received_ms < ?1)",
+            [before_ms],
+        )?;
+        let jobs = tx.execute("DELETE FROM jobs WHERE done = 1 AND received_ms < ?1", [before_ms])?;
+        tx.commit()?;
+        Ok(Pruned { transactions, jobs })
+    }
+
     /// Whether the database answers.
     pub fn is_healthy(&self) -> bool {
         self.conn().query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
@@ -374,6 +403,31 @@ mod tests {
         let taken = s.take_expired_undecrypted(50).unwrap();
         assert_eq!(taken.iter().map(|p| p.event_id.as_str()).collect::<Vec<_>>(), ["$old"]);
         assert!(s.take_expired_undecrypted(50).unwrap().is_empty());
+    }
+
+    #[test]
+    fn pruning_forgets_old_handled_work_and_keeps_pending_and_recent_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.record_transaction("old", &[ev("$done"), ev("$pending")], 1_000).unwrap();
+        store.record_transaction("new", &[ev("$recent")], 5_000).unwrap();
+        let jobs = store.pending_jobs(10).unwrap();
+        for job in jobs.iter().filter(|j| j.event_id != "$pending") {
+            store.complete_job(job.seq).unwrap();
+        }
+        store.set_progress("$done", &Progress::Replied).unwrap();
+        store.set_progress("$recent", &Progress::Replied).unwrap();
+
+        let pruned = store.prune(2_000).unwrap();
+
+        assert_eq!(pruned, Pruned { transactions: 1, jobs: 1 });
+        assert!(!store.transaction_seen("old").unwrap());
+        assert!(store.transaction_seen("new").unwrap());
+        assert_eq!(store.progress("$done").unwrap(), None);
+        assert_eq!(store.progress("$recent").unwrap(), Some(Progress::Replied));
+        let pending: Vec<_> = store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+        assert_eq!(pending, ["$pending"]);
+        assert_eq!(store.prune(2_000).unwrap(), Pruned::default());
     }
 
     #[test]
