@@ -156,6 +156,20 @@ pub struct Scaler {
     retry: RetryPolicy,
 }
 
+/// Logs the first failure of a rollout watch (the watcher retries by itself), e.g. a 403 when
+/// the Role lacks `list` or `watch`.
+fn watch_failed(t: &Target, error: &watcher::Error, warned: &mut bool) {
+    if !std::mem::replace(warned, true) {
+        tracing::warn!(
+            target = %t.name,
+            workload = %t.workload,
+            namespace = %t.namespace,
+            error = %error,
+            "watching the rollout failed; retrying until the rollout timeout"
+        );
+    }
+}
+
 /// One permission the scaler uses: (verb, resource with subresource).
 pub fn permissions_needed(kind: WorkloadKind) -> [(&'static str, &'static str); 6] {
     match kind {
@@ -344,17 +358,22 @@ impl Scaler {
         if settled(&last) {
             return Ok((last, true, started.elapsed()));
         }
+        let mut warned = false;
         let outcome = tokio::time::timeout(timeout, async {
             match t.kind {
                 WorkloadKind::Deployment => {
                     let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
                     let mut stream = watcher::watch_object(api, &t.workload).boxed();
                     while let Some(item) = stream.next().await {
-                        if let Ok(Some(d)) = item {
-                            last = deployment_status(&d);
-                            if settled(&last) {
-                                return true;
+                        match item {
+                            Ok(Some(d)) => {
+                                last = deployment_status(&d);
+                                if settled(&last) {
+                                    return true;
+                                }
                             }
+                            Ok(None) => {}
+                            Err(e) => watch_failed(t, &e, &mut warned),
                         }
                     }
                 }
@@ -362,11 +381,15 @@ impl Scaler {
                     let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
                     let mut stream = watcher::watch_object(api, &t.workload).boxed();
                     while let Some(item) = stream.next().await {
-                        if let Ok(Some(s)) = item {
-                            last = statefulset_status(&s);
-                            if settled(&last) {
-                                return true;
+                        match item {
+                            Ok(Some(s)) => {
+                                last = statefulset_status(&s);
+                                if settled(&last) {
+                                    return true;
+                                }
                             }
+                            Ok(None) => {}
+                            Err(e) => watch_failed(t, &e, &mut warned),
                         }
                     }
                 }
@@ -393,7 +416,9 @@ impl Scaler {
                         group: Some("apps".into()),
                         resource: Some(res.into()),
                         subresource: sub,
-                        name: (verb != "list" && verb != "watch").then(|| t.workload.clone()),
+                        // NB: named for list and watch too: the rollout watch pins the object with a
+                        // metadata.name field selector, which RBAC matches against resourceNames.
+                        name: Some(t.workload.clone()),
                         ..Default::default()
                     }),
                     ..Default::default()

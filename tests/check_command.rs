@@ -6,7 +6,7 @@ mod support;
 
 use std::process::Command;
 
-use support::{bridge::BridgeSetup, bridge_binary, scratch_dir, synapse::Synapse};
+use support::{bridge::BridgeSetup, bridge_binary, deploy_role_rules, scratch_dir, synapse::Synapse};
 use test_apiserver::{RbacRule, TestApiServer};
 
 async fn run_check(api: &TestApiServer, synapse_running: bool) -> (bool, String) {
@@ -46,6 +46,19 @@ async fn a_complete_setup_passes_every_check() {
     assert!(line(&report, "target clawdbot").contains("is running"), "{report}");
     assert!(line(&report, "permissions clawdbot").contains("patch deployments/scale"), "{report}");
     assert!(report.lines().all(|l| l.starts_with("ok")), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_role_in_deploy_passes_every_permission_check() {
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 1);
+    let rules = deploy_role_rules();
+    assert!(rules.iter().all(|r| r.name.as_deref() == Some("clawdbot")), "every rule is named: {rules:?}");
+    api.set_rbac(Some(rules));
+    let (ok, report) = run_check(&api, true).await;
+    assert!(ok, "{report}");
+    let permissions = line(&report, "permissions clawdbot");
+    assert!(permissions.starts_with("ok") && permissions.contains("watch deployments"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

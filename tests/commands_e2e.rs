@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use support::{
     bridge::{BridgeProcess, BridgeSetup, tokens},
     client::User,
-    scratch_dir,
+    deploy_role_rules, scratch_dir,
     synapse::Synapse,
 };
 use test_apiserver::{ControllerMode, RbacRule, TestApiServer, WorkloadKind};
@@ -200,6 +200,25 @@ async fn a_forbidden_patch_is_answered_with_the_missing_permission() {
     assert!(text.contains("may not patch deployments/scale in namespace clawdbot"), "{text}");
     assert!(text.contains("grant `patch` on `deployments/scale`"), "{text}");
     assert_eq!(s.api.replicas(WorkloadKind::Deployment, "clawdbot", "clawdbot").map(|r| r.0), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_the_role_in_deploy_stop_and_start_follow_their_rollouts() {
+    let s = stack(2).await;
+    s.api.set_rbac(Some(deploy_role_rules()));
+    let alice = s.user("alice").await;
+    let room = s.dm(&alice).await;
+
+    alice.send_text(&room, "stop").await;
+    let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    assert!(body(&replies[0]).contains("clawdbot is stopping: 2 → 0"), "{}", body(&replies[0]));
+    assert!(body(&replies[1]).starts_with("clawdbot is off after"), "{}", body(&replies[1]));
+    alice.send_text(&room, "start").await;
+    let replies = alice.wait_for_messages(&room, BOT, 4, WAIT).await;
+    assert!(body(&replies[2]).contains("clawdbot is starting: 0 → 2"), "{}", body(&replies[2]));
+    assert!(body(&replies[3]).starts_with("clawdbot is up: 2/2 ready after"), "{}", body(&replies[3]));
+    let watches = s.api.requests().into_iter().filter(|r| r.query.contains("watch=true")).count();
+    assert!(watches >= 1, "the rollouts were followed with a watch");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

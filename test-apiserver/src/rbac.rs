@@ -14,7 +14,8 @@ pub struct RbacRule {
     pub resource: String,
     /// A namespace, or `*` for every namespace and the cluster scope.
     pub namespace: String,
-    /// Limits the rule to one object, as `resourceNames` does (never matching list or watch).
+    /// Limits the rule to one object, as `resourceNames` does (list and watch match only when a
+    /// `metadata.name` field selector pins that object).
     #[serde(default)]
     pub name: Option<String>,
 }

@@ -53,3 +53,31 @@ pub fn scratch_dir() -> tempfile::TempDir {
 pub fn bridge_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_matrix-k8s-toggle"))
 }
+
+/// The permissions of the Role in `deploy/rbac.yaml`, as test apiserver rules: each verb on
+/// each resource, limited to the names in `resourceNames`.
+pub fn deploy_role_rules() -> Vec<test_apiserver::RbacRule> {
+    use k8s_openapi::api::rbac::v1::Role;
+    use serde::Deserialize;
+
+    let text = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap();
+    let role: Role = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "Role")
+        .map(|doc| serde_yaml::from_value(doc).unwrap())
+        .expect("deploy/rbac.yaml holds a Role");
+    let namespace = role.metadata.namespace.expect("the Role has a namespace");
+    let mut rules = Vec::new();
+    for rule in role.rules.unwrap_or_default() {
+        for verb in &rule.verbs {
+            for resource in rule.resources.iter().flatten() {
+                let unnamed = test_apiserver::RbacRule::new(verb, resource, &namespace);
+                match &rule.resource_names {
+                    Some(names) => rules.extend(names.iter().map(|n| unnamed.clone().named(n))),
+                    None => rules.push(unnamed),
+                }
+            }
+        }
+    }
+    rules
+}
