@@ -157,8 +157,11 @@ impl BotNames {
     /// The bot's user id, its localpart and its display name.
     pub fn new(user_id: &str, display_name: &str) -> Self {
         let localpart = user_id.trim_start_matches('@').split(':').next().unwrap_or_default();
-        let mut names: Vec<String> =
-            [PREFIX, user_id, localpart, display_name].iter().map(|n| normalize(n)).filter(|n| !n.is_empty()).collect();
+        let mut names: Vec<String> = [PREFIX, user_id, localpart, display_name]
+            .iter()
+            .map(|n| normalize(n).to_lowercase())
+            .filter(|n| !n.is_empty())
+            .collect();
         // Longest first, so "@toggle:x" is stripped before "toggle".
         names.sort_by_key(|n| std::cmp::Reverse(n.len()));
         names.dedup();
@@ -180,11 +183,12 @@ impl BotNames {
     }
 }
 
-/// Lower-cases, drops invisible and bidi control characters, and collapses whitespace.
+/// Drops invisible and bidi control characters and collapses whitespace. Case is kept: commands
+/// are read case-insensitively, but the user id in `approve` is not changed.
 pub fn normalize(text: &str) -> String {
     let cleaned: String =
         text.chars().filter(|c| !is_invisible(*c)).map(|c| if c.is_whitespace() { ' ' } else { c }).collect();
-    cleaned.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    cleaned.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn is_invisible(c: char) -> bool {
@@ -203,9 +207,18 @@ pub fn parse(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool
 /// address), so callers stay silent about doubtful commands that were not.
 pub fn read(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool) -> (Parsed, bool) {
     let text = normalize(text);
-    let (rest, prefixed) = names.strip(&text);
+    let lowered = text.to_lowercase();
+    let (rest, prefixed) = names.strip(&lowered);
     let to_bot = prefixed || mentioned || addressed == Addressed::ToBot;
-    (parse_words(rest, to_bot), to_bot)
+    let mut parsed = parse_words(rest, to_bot);
+    // NB: the user id is the last word; older user ids may hold capitals, so keep them as typed.
+    if let Parsed::Command(Command::Approve { user }) = &mut parsed
+        && let Some(typed) = text.rsplit(' ').next()
+        && typed.to_lowercase() == *user
+    {
+        *user = typed.to_owned();
+    }
+    (parsed, to_bot)
 }
 
 fn parse_words(rest: &str, to_bot: bool) -> Parsed {
@@ -339,6 +352,7 @@ mod tests {
             ("list", cmd(Command::List)),
             ("approve @bob:example.org", cmd(Command::Approve { user: "@bob:example.org".into() })),
             ("approve bob", Parsed::Invalid("usage: approve @user:server".into())),
+            ("APPROVE @Bob:Example.org", cmd(Command::Approve { user: "@Bob:Example.org".into() })),
             ("help", cmd(Command::Help)),
             ("", cmd(Command::Help)),
             ("hello there", Parsed::NotACommand),
@@ -350,6 +364,12 @@ mod tests {
         for (text, expected) in table {
             assert_eq!(&dm(text), expected, "{text:?}");
         }
+    }
+
+    #[test]
+    fn approve_keeps_the_capitals_of_an_older_user_id_after_an_address() {
+        let parsed = group("Kubernetes Toggle: approve @Old_User:Example.org");
+        assert_eq!(parsed, cmd(Command::Approve { user: "@Old_User:Example.org".into() }));
     }
 
     #[test]

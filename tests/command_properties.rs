@@ -131,7 +131,13 @@ proptest! {
         trail in "[ \t\n]{0,3}",
     ) {
         let canonical = command.to_string();
-        let words: Vec<String> = canonical.split(' ').map(|w| flip_ascii_case(w, &flips)).collect();
+        // NB: every word but the user id of `approve`, which is kept as typed.
+        let is_user = |i: usize| i == 1 && matches!(command, Command::Approve { .. });
+        let words: Vec<String> = canonical
+            .split(' ')
+            .enumerate()
+            .map(|(i, w)| if is_user(i) { w.to_owned() } else { flip_ascii_case(w, &flips) })
+            .collect();
         let text = respace(&words, &lead, &gaps, &trail);
         prop_assert_eq!(dm(&text), Parsed::Command(command.clone()), "{:?}", text);
         let prefixed = format!("!TogGle{}{text}", gaps[0]);
@@ -236,6 +242,16 @@ proptest! {
         let text = format!("{verb} {}", sentence.join(" "));
         prop_assert!(matches!(dm(&text), Parsed::Invalid(_)), "{:?}", text);
         prop_assert_eq!(group(&text), Parsed::NotACommand, "{:?}", text);
+    }
+
+    #[test]
+    fn approve_keeps_the_user_id_exactly_as_typed(
+        localpart in "[a-zA-Z0-9._=/+-]{1,12}",
+        server in "[a-zA-Z0-9.-]{1,12}",
+        verb in "[aA][pP][pP][rR][oO][vV][eE]",
+    ) {
+        let user = format!("@{localpart}:{server}");
+        prop_assert_eq!(dm(&format!("{verb} {user}")), Parsed::Command(Command::Approve { user: user.clone() }));
     }
 
     #[test]
