@@ -41,7 +41,7 @@ use crate::{
     policy::RateLimiter,
     rooms::Rooms,
     scaler::{Change, ScaleError, Scaler, State, WorkloadStatus},
-    store::{Job, Parked, Progress, Store, StoreError},
+    store::{Job, Parked, Progress, Rollout, Store, StoreError},
     worker::{JobHandler, Outcome},
 };
 
@@ -415,7 +415,9 @@ impl Bridge {
         let progress = self.store.progress(message.event_id.as_str())?;
         let (reply, follow_up) = match (progress, reply) {
             (Some(Progress::Replied), _) => return Ok(()),
-            (Some(Progress::Acted { reply }), _) => (Reply::text(reply), None),
+            (Some(Progress::Acted { reply }), _) => {
+                (Reply::text(reply), self.store.rollout(message.event_id.as_str())?)
+            }
             (None, Some(reply)) => (reply, None),
             (None, None) => {
                 let refusal = match (encryption, parsed.clone()) {
@@ -453,15 +455,22 @@ impl Bridge {
                     ),
                 };
                 let Some(reply) = reply else { return Ok(()) };
-                self.store.set_progress(message.event_id.as_str(), &Progress::Acted { reply: reply.clone() })?;
-                (Reply::text(reply), follow_up)
+                let rollout = follow_up.map(|f| Rollout {
+                    event_id: message.event_id.to_string(),
+                    room_id: room.to_string(),
+                    target: f.target.name,
+                    up: f.up,
+                    started_ms: now_ms(),
+                });
+                self.store.set_acted(message.event_id.as_str(), &reply, rollout.as_ref())?;
+                (Reply::text(reply), rollout)
             }
         };
         self.send_notice(room, Some(&message.event_id), &reply, &txn_id("reply", &message.event_id)).await?;
         self.metrics.transaction_to_reply_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
         self.store.set_progress(message.event_id.as_str(), &Progress::Replied)?;
-        if let (Some(target), Ok(scaler)) = (follow_up, &self.scaler) {
-            self.spawn_follow_up(scaler.clone(), target, room.clone(), message.event_id.clone());
+        if let Some(rollout) = follow_up {
+            self.follow_rollout(rollout);
         }
         Ok(())
     }
@@ -646,20 +655,91 @@ impl Bridge {
         out
     }
 
-    fn spawn_follow_up(&self, scaler: Scaler, follow: FollowUp, room: OwnedRoomId, event_id: OwnedEventId) {
-        let timeout = self.config.rollout_timeout;
-        let outbox = self.outbox.clone();
+    /// Watches a rollout in the background and posts its outcome in reply to the command; the
+    /// stored rollout is forgotten once that is done.
+    fn follow_rollout(&self, rollout: Rollout) {
+        let (Ok(scaler), Some(target)) = (&self.scaler, self.config.target(&rollout.target)) else {
+            tracing::info!(event_id = %rollout.event_id, target = %rollout.target, "not following a rollout of a target no longer configured");
+            self.forget_rollout(&rollout.event_id);
+            return;
+        };
+        let (Ok(room), Ok(event_id)) =
+            (OwnedRoomId::try_from(rollout.room_id.as_str()), OwnedEventId::try_from(rollout.event_id.as_str()))
+        else {
+            self.forget_rollout(&rollout.event_id);
+            return;
+        };
+        let (scaler, target) = (scaler.clone(), target.clone());
+        let (outbox, store) = (self.outbox.clone(), self.store.clone());
+        let timeout = self.config.rollout_timeout.saturating_sub(elapsed_since_ms(rollout.started_ms));
         tokio::spawn(async move {
-            let t = &follow.target;
-            let text = match scaler.wait_until_settled(t, timeout).await {
-                Ok((s, _, took)) => outcome_line(t, &s, follow.up, took),
-                Err(e) => format!("⚠️ Could not follow {}: {e}", t.name),
+            let text = match scaler.wait_until_settled(&target, timeout).await {
+                Ok((s, _, _)) => outcome_line(&target, &s, rollout.up, elapsed_since_ms(rollout.started_ms)),
+                Err(e) => format!("⚠️ Could not follow {}: {e}", target.name),
             };
             let reply = Reply::text(text);
-            if let Err(e) = outbox.send_notice(&room, Some(&event_id), &reply, &txn_id("outcome", &event_id)).await {
-                tracing::warn!(error = %e, "could not post the rollout outcome");
+            let txn = txn_id("outcome", &event_id);
+            for attempt in 1..=OUTCOME_ATTEMPTS {
+                match outbox.send_notice(&room, Some(&event_id), &reply, &txn).await {
+                    Err(e) if e.is_transient() && attempt < OUTCOME_ATTEMPTS => {
+                        tracing::debug!(error = %e, attempt, "could not post the rollout outcome yet; retrying");
+                        tokio::time::sleep(RETRY_DELAY * attempt).await;
+                    }
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(error = %e, "could not post the rollout outcome; it is retried at the next start");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not post the rollout outcome");
+                        break;
+                    }
+                    Ok(()) => break,
+                }
+            }
+            if let Err(e) = store.finish_rollout(event_id.as_str()) {
+                tracing::warn!(error = %e, "could not forget a reported rollout");
             }
         });
+    }
+
+    fn forget_rollout(&self, event_id: &str) {
+        if let Err(e) = self.store.finish_rollout(event_id) {
+            tracing::warn!(error = %e, "could not forget a rollout");
+        }
+    }
+
+    /// The rollouts a restart interrupted after their command was answered. Read before the
+    /// worker starts, so no rollout is both resumed here and followed by its command again.
+    pub fn interrupted_rollouts(&self) -> Vec<Rollout> {
+        self.store.answered_rollouts().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not read the interrupted rollouts");
+            Vec::new()
+        })
+    }
+
+    /// Follows the interrupted rollouts again and reports them, unless they are long past.
+    pub async fn resume_rollouts(&self, rollouts: Vec<Rollout>) {
+        self.crypto.wait(CRYPTO_SETUP_WAIT).await;
+        for rollout in rollouts {
+            if elapsed_since_ms(rollout.started_ms) > self.config.rollout_timeout + STALE_ROLLOUT {
+                tracing::info!(event_id = %rollout.event_id, "not reporting a rollout interrupted long ago");
+                self.forget_rollout(&rollout.event_id);
+                continue;
+            }
+            let Ok(room) = <&RoomId>::try_from(rollout.room_id.as_str()) else {
+                self.forget_rollout(&rollout.event_id);
+                continue;
+            };
+            // NB: the room's encryption must be known before anything is sent there.
+            if !self.rooms.is_loaded(room)
+                && let Err(e) = self.load_room(room).await
+            {
+                tracing::warn!(error = %e, "could not load the room of an interrupted rollout; retried at the next start");
+                continue;
+            }
+            tracing::info!(event_id = %rollout.event_id, target = %rollout.target, "following an interrupted rollout again");
+            self.follow_rollout(rollout);
+        }
     }
 
     async fn send_notice(
@@ -748,6 +828,10 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 fn elapsed_since_ms(ms: i64) -> Duration {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(ms);
@@ -794,6 +878,12 @@ pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) ->
 
 /// How long to wait before retrying after a transient failure.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// Tries to post a rollout outcome before leaving it for the next start.
+const OUTCOME_ATTEMPTS: u32 = 5;
+
+/// How long after its timeout an interrupted rollout is still worth reporting.
+const STALE_ROLLOUT: Duration = Duration::from_secs(10 * 60);
 
 /// How long a job waits for encryption to be set up before it is handled anyway.
 const CRYPTO_SETUP_WAIT: Duration = Duration::from_secs(10);

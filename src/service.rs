@@ -110,6 +110,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     ));
     let sweeper = tokio::spawn(sweep_undecryptable(bridge.clone(), stop_rx.clone()));
     let pruner = tokio::spawn(prune_state(store.clone(), stop_rx.clone()));
+    let interrupted = bridge.interrupted_rollouts();
+    let resume = {
+        let bridge = bridge.clone();
+        tokio::spawn(async move { bridge.resume_rollouts(interrupted).await })
+    };
     let worker = tokio::spawn(worker::run(store.clone(), bridge.clone(), work, stop_rx.clone()));
     let startup = {
         let (matrix, config) = (matrix.clone(), config.clone());
@@ -130,6 +135,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     encryption.abort();
     sweeper.abort();
     pruner.abort();
+    resume.abort();
     if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
         tracing::warn!("the worker did not finish within {DRAIN_TIMEOUT:?}; its job resumes at the next start");
     }

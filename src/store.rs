@@ -65,6 +65,22 @@ pub struct Parked {
     pub parked_ms: i64,
 }
 
+/// A rollout being followed after a start or stop, so its outcome is reported in reply to the
+/// command even across a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rollout {
+    /// The command's event.
+    pub event_id: String,
+    /// The room of the command.
+    pub room_id: String,
+    /// The target's name in the configuration.
+    pub target: String,
+    /// Whether the command was a start (else a stop).
+    pub up: bool,
+    /// When the workload was scaled (ms since the Unix epoch).
+    pub started_ms: i64,
+}
+
 /// Most encrypted events kept waiting for their keys; the oldest are dropped beyond it.
 pub const MAX_PARKED: i64 = 1000;
 
@@ -120,6 +136,13 @@ CREATE TABLE IF NOT EXISTS undecrypted (
     parked_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS undecrypted_session ON undecrypted(session_id);
+CREATE TABLE IF NOT EXISTS rollouts (
+    event_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    up INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -235,6 +258,56 @@ impl Store {
         Ok(())
     }
 
+    /// Records that the command in `event_id` acted, with its reply and the rollout to follow,
+    /// in one atomic step.
+    pub fn set_acted(&self, event_id: &str, reply: &str, rollout: Option<&Rollout>) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO progress (event_id, stage, reply) VALUES (?1, 'acted', ?2)
+             ON CONFLICT(event_id) DO UPDATE SET stage = excluded.stage, reply = excluded.reply",
+            params![event_id, reply],
+        )?;
+        if let Some(r) = rollout {
+            tx.execute(
+                "INSERT OR REPLACE INTO rollouts (event_id, room_id, target, up, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.event_id, r.room_id, r.target, r.up, r.started_ms],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The rollout still to report for the command in `event_id`.
+    pub fn rollout(&self, event_id: &str) -> Result<Option<Rollout>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT event_id, room_id, target, up, started_ms FROM rollouts WHERE event_id = ?1",
+                [event_id],
+                rollout_row,
+            )
+            .optional()?)
+    }
+
+    /// The rollouts still to report whose command was answered, oldest first. (Those of
+    /// commands not yet answered resume with their command.)
+    pub fn answered_rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT r.event_id, r.room_id, r.target, r.up, r.started_ms FROM rollouts r
+             JOIN progress p ON p.event_id = r.event_id WHERE p.stage = 'replied' ORDER BY r.started_ms",
+        )?;
+        let rows = stmt.query_map([], rollout_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets a rollout once its outcome was posted (or given up).
+    pub fn finish_rollout(&self, event_id: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM rollouts WHERE event_id = ?1", [event_id])?;
+        Ok(())
+    }
+
     /// A stored value.
     pub fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self.conn().query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0)).optional()?)
@@ -310,6 +383,7 @@ impl Store {
             [before_ms],
         )?;
         let jobs = tx.execute("DELETE FROM jobs WHERE done = 1 AND received_ms < ?1", [before_ms])?;
+        tx.execute("DELETE FROM rollouts WHERE started_ms < ?1", [before_ms])?;
         tx.commit()?;
         Ok(Pruned { transactions, jobs })
     }
@@ -318,6 +392,10 @@ impl Store {
     pub fn is_healthy(&self) -> bool {
         self.conn().query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
     }
+}
+
+fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
+    Ok(Rollout { event_id: r.get(0)?, room_id: r.get(1)?, target: r.get(2)?, up: r.get(3)?, started_ms: r.get(4)? })
 }
 
 #[cfg(test)]
@@ -428,6 +506,27 @@ mod tests {
         let pending: Vec<_> = store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
         assert_eq!(pending, ["$pending"]);
         assert_eq!(store.prune(2_000).unwrap(), Pruned::default());
+    }
+
+    #[test]
+    fn a_rollout_is_kept_with_the_acted_stage_and_listed_once_the_command_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rollout =
+            Rollout { event_id: "$cmd".into(), room_id: "!r:x".into(), target: "web".into(), up: true, started_ms: 42 };
+        store.set_acted("$cmd", "web is starting", Some(&rollout)).unwrap();
+        assert_eq!(store.progress("$cmd").unwrap(), Some(Progress::Acted { reply: "web is starting".into() }));
+        assert_eq!(store.rollout("$cmd").unwrap(), Some(rollout.clone()));
+        assert_eq!(store.answered_rollouts().unwrap(), [], "not answered yet");
+
+        store.set_progress("$cmd", &Progress::Replied).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.answered_rollouts().unwrap(), [rollout]);
+
+        store.finish_rollout("$cmd").unwrap();
+        assert_eq!(store.answered_rollouts().unwrap(), []);
+        assert_eq!(store.rollout("$cmd").unwrap(), None);
     }
 
     #[test]

@@ -93,6 +93,26 @@ async fn a_kill_right_after_the_patch_causes_no_second_patch_and_exactly_one_rep
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_interrupted_by_a_kill_is_still_reported_once_after_the_restart() {
+    let mut s = stack(&[]).await;
+    let (alice, room) = s.alice_in_dm().await;
+    s.api.set_controller(ControllerMode::Ready { after: Duration::from_secs(4) });
+    let command = alice.send_text(&room, "start").await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    assert!(body(&replies[0]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
+    s.bridge.kill();
+
+    s.bridge.start_again().await;
+    alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replies = alice.messages_from(&room, BOT).await;
+    let answers = replies_to(&replies, &command);
+    assert_eq!(answers.len(), 2, "{replies:?}");
+    assert!(body(answers[1]).starts_with("clawdbot is up: 1/1 ready after"), "{replies:?}");
+    assert_eq!(s.scale_patches(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_waits_while_synapse_is_down_and_is_delivered_when_it_is_back() {
     let s = stack(&[]).await;
     let (alice, room) = s.alice_in_dm().await;
@@ -102,10 +122,14 @@ async fn a_reply_waits_while_synapse_is_down_and_is_delivered_when_it_is_back() 
     s.synapse.stop();
     tokio::time::sleep(Duration::from_secs(5)).await;
     s.synapse.start_again();
-    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    // The reply, then the rollout's outcome.
+    alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replies = alice.messages_from(&room, BOT).await;
     let answers = replies_to(&replies, &command);
-    assert_eq!(answers.len(), 1, "{replies:?}");
+    assert_eq!(answers.len(), 2, "{replies:?}");
     assert!(body(answers[0]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
+    assert!(body(answers[1]).starts_with("clawdbot is up: 1/1 ready after"), "{replies:?}");
     assert_eq!(s.scale_patches(), 1);
 }
 
