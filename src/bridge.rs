@@ -124,6 +124,7 @@ pub struct Bridge {
     names: BotNames,
     refusals: Mutex<HashMap<OwnedRoomId, i64>>,
     limiter: RateLimiter,
+    started: std::time::Instant,
 }
 
 impl Bridge {
@@ -153,6 +154,7 @@ impl Bridge {
             names,
             refusals: Mutex::new(HashMap::new()),
             limiter: RateLimiter::new(config_limit),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -885,14 +887,15 @@ const OUTCOME_ATTEMPTS: u32 = 5;
 /// How long after its timeout an interrupted rollout is still worth reporting.
 const STALE_ROLLOUT: Duration = Duration::from_secs(10 * 60);
 
-/// How long a job waits for encryption to be set up before it is handled anyway.
+/// How long after start jobs wait for encryption to be set up. Later jobs do not wait: plain
+/// ones are handled, encrypted ones are retried until encryption is ready.
 const CRYPTO_SETUP_WAIT: Duration = Duration::from_secs(10);
 
 impl JobHandler for Bridge {
     async fn handle(&self, job: &Job) -> Outcome {
         // NB: joining or answering before our device exists would make clients leave the bot
-        // out of their room keys.
-        self.crypto.wait(CRYPTO_SETUP_WAIT).await;
+        // out of their room keys. NB: one deadline for all jobs, not 10 s for each.
+        self.crypto.wait(CRYPTO_SETUP_WAIT.saturating_sub(self.started.elapsed())).await;
         let event = match Raw::<AnyTimelineEvent>::from_json_string(job.event.clone()).and_then(|r| r.deserialize()) {
             Ok(event) => event,
             Err(e) => {
