@@ -65,6 +65,8 @@ async fn run() {
         .env("KUBECONFIG", kubeconfig.to_str().unwrap())
         .env("ALLOWED_USERS", "@alice:localhost")
         .env("ECHO_MODE", "false")
+        // NB: the per-user rate limit (10 a minute by default) would answer most commands.
+        .env("COMMANDS_PER_MINUTE", "0")
         .env("RUST_LOG", "info")
         .env("ROLLOUT_TIMEOUT_SECS", "20");
 
@@ -103,7 +105,12 @@ async fn run() {
         let patches = scale_patches(&api).len();
         let sent = SystemTime::now();
         let command = alice.send_text(&room, text).await;
-        let replied = replies.wait(&command, 1).await;
+        let (replied, answer) = replies.wait(&command, 1).await;
+        assert!(
+            answer.contains("is starting") || answer.contains("is stopping"),
+            "`{text}` was answered with {answer:?}; bridge log:\n{}",
+            std::fs::read_to_string(dir.path().join("bridge.log")).unwrap_or_default()
+        );
         let patched =
             wait_for(WAIT, "the PATCH of /scale", || async { scale_patches(&api).get(patches).map(|r| r.received_at) })
                 .await;
@@ -312,7 +319,7 @@ async fn floor_transaction(
 
 /// When the client decrypted each reply, by the event it answers.
 struct Replies {
-    seen: Arc<Mutex<Vec<(OwnedEventId, SystemTime)>>>,
+    seen: Arc<Mutex<Vec<(OwnedEventId, SystemTime, String)>>>,
 }
 
 impl Replies {
@@ -327,19 +334,20 @@ impl Replies {
                 if event.sender == bot
                     && let Some(Relation::Reply(reply)) = &event.content.relates_to
                 {
-                    sink.lock().unwrap().push((reply.in_reply_to.event_id.clone(), at));
+                    let body = event.content.body().to_owned();
+                    sink.lock().unwrap().push((reply.in_reply_to.event_id.clone(), at, body));
                 }
             }
         });
         Replies { seen }
     }
 
-    /// Waits for the `count`-th reply to `event`; returns when the first one arrived.
-    async fn wait(&self, event: &OwnedEventId, count: usize) -> SystemTime {
+    /// Waits for the `count`-th reply to `event`; returns when the first one arrived and its text.
+    async fn wait(&self, event: &OwnedEventId, count: usize) -> (SystemTime, String) {
         wait_for(WAIT, &format!("{count} replies to {event}"), || async {
             let seen = self.seen.lock().unwrap();
-            let answers: Vec<SystemTime> = seen.iter().filter(|(e, _)| e == event).map(|(_, at)| *at).collect();
-            (answers.len() >= count).then(|| answers[0])
+            let answers: Vec<_> = seen.iter().filter(|(e, _, _)| e == event).collect();
+            (answers.len() >= count).then(|| (answers[0].1, answers[0].2.clone()))
         })
         .await
     }

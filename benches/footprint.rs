@@ -76,14 +76,14 @@ async fn run() {
     println!("binary: {} ({:.2} MiB)", binary.display(), std::fs::metadata(&binary).unwrap().len() as f64 / 1048576.0);
     println!("load average before / after: {} / {}", load_before.trim(), load_after.trim());
     println!();
-    println!("{:<40}{:>12}{:>12}{:>12}", "cold start (ms, median [min–max])", "/healthz", "/readyz", "encryption");
+    println!("{:<40}{:>16}{:>16}{:>16}", "cold start (ms, median [min–max])", "/healthz", "/readyz", "encryption");
     for (name, times) in [("fresh STATE_DIR", &fresh), ("warm STATE_DIR", &warm)] {
         let cell = |pick: fn(&StartTimes) -> f64| {
             let mut v: Vec<f64> = times.iter().map(pick).collect();
             v.sort_by(f64::total_cmp);
             format!("{:.0} [{:.0}–{:.0}]", v[v.len() / 2], v[0], v[v.len() - 1])
         };
-        println!("{name:<40}{:>12}{:>12}{:>12}", cell(|t| t.healthz), cell(|t| t.readyz), cell(|t| t.encryption));
+        println!("{name:<40}{:>16}{:>16}{:>16}", cell(|t| t.healthz), cell(|t| t.readyz), cell(|t| t.encryption));
     }
     println!("(encryption: the `encryption ready` log line, the crypto store opened and the device known)");
     println!();

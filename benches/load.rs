@@ -26,6 +26,9 @@ use matrix_k8s_toggle::registration::{Registration, parse_server_name};
 /// Longest a phase may run, whatever LOAD_SECS says.
 const MAX_SECS: u64 = 120;
 
+/// Longest wait for the worker to drain the queue after a phase.
+const DRAIN_SECS: u64 = 15;
+
 static NEXT_TXN: AtomicU64 = AtomicU64::new(0);
 
 fn main() {
@@ -114,7 +117,7 @@ async fn run() {
     for &k in &connections {
         let phase = phase(&http, &base, &hs_token, &server, k, events, Duration::from_secs(secs)).await;
         sent_total += phase.ok;
-        let drain = drain(&state.join("state.sqlite3"), Duration::from_secs(120)).await;
+        let drain = drain(&state.join("state.sqlite3"), Duration::from_secs(DRAIN_SECS)).await;
         println!(
             "{k:>5}{:>10}{:>10.0}{:>11.0}{:>9.2}{:>9.2}{:>9.2}{:>11.2}{:>11.0}{:>13.1}{:>10}",
             phase.ok,
@@ -126,7 +129,7 @@ async fn run() {
             phase.cpu_s / phase.elapsed,
             phase.cpu_s * 1e6 / phase.ok.max(1) as f64,
             phase.max_rss_kb as f64 / 1024.0,
-            drain.map_or("> 120".into(), |d| format!("{d:.1}")),
+            drain.map_or(format!("> {DRAIN_SECS}"), |d| format!("{d:.1}")),
         );
         if phase.failed > 0 {
             println!("      {} requests failed or were refused", phase.failed);
@@ -139,6 +142,9 @@ async fn run() {
         let prefix = format!("matrix_k8s_toggle_transactions_total{{result=\"{result}\"}}");
         metrics.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
     };
+    println!(
+        "(drain: until the worker has handled every queued event; it waits for encryption, which needs the homeserver)"
+    );
     println!();
     println!(
         "replaying a processed txnId answers {:?}; the server counted {} new and {} replayed transactions (sent {sent_total} new)",
@@ -252,14 +258,18 @@ fn body(txn: &str, events: usize) -> String {
 }
 
 async fn put(http: &reqwest::Client, base: &str, hs_token: &str, txn: &str, body: &str) -> Result<u16, String> {
-    http.put(format!("{base}/_matrix/app/v1/transactions/{txn}"))
+    let response = http
+        .put(format!("{base}/_matrix/app/v1/transactions/{txn}"))
         .bearer_auth(hs_token)
         .header("content-type", "application/json")
         .body(body.to_owned())
         .send()
         .await
-        .map(|r| r.status().as_u16())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    // NB: reading the body to its end hands the connection back to the pool.
+    response.bytes().await.map_err(|e| e.to_string())?;
+    Ok(status)
 }
 
 /// Seconds until the worker has handled every queued event, or `None` after `limit`.

@@ -57,6 +57,9 @@ use tower::ServiceExt;
 /// Events in each benchmarked transaction.
 const EVENTS_PER_TXN: usize = 100;
 
+/// Distinct Megolm events decrypted in turn.
+const ENCRYPTED_EVENTS: usize = 1000;
+
 const HS_TOKEN: &str = "bench-hs-token-0123456789abcdef";
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -266,11 +269,13 @@ async fn share_room_key(bot: &OlmMachine, room: &RoomId) -> OlmMachine {
     )]);
     alice.mark_request_as_sent(&claim_id, &claim_keys::v3::Response::new(claimed)).await.unwrap();
 
-    let settings = EncryptionSettings::new(
+    let mut settings = EncryptionSettings::new(
         RoomEncryptionEventContent::with_recommended_defaults(),
         HistoryVisibility::Shared,
         CollectStrategy::ErrorOnVerifiedUserProblem,
     );
+    // NB: one session for all the benchmark's events (the default rotates after 100).
+    settings.rotation_period_msgs = 10 * ENCRYPTED_EVENTS as u64;
     let shares = alice.share_room_key(room, [receiver()].into_iter(), settings).await.unwrap();
     let mut events = Vec::new();
     for share in &shares {
@@ -320,6 +325,8 @@ async fn encrypted_events(alice: &OlmMachine, room: &OwnedRoomId, count: usize) 
 
 fn megolm(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // NB: the SQLite store's pool must be dropped inside the runtime.
+    let _runtime = rt.enter();
     let dir = tempfile::tempdir().unwrap();
     let room = owned_room_id!("!encrypted:localhost");
     let settings = decryption_settings();
@@ -332,7 +339,7 @@ fn megolm(c: &mut Criterion) {
     ];
     for (name, bot) in bots {
         let alice = rt.block_on(share_room_key(&bot, &room));
-        let events = rt.block_on(encrypted_events(&alice, &room, 1000));
+        let events = rt.block_on(encrypted_events(&alice, &room, ENCRYPTED_EVENTS));
         let mut i = 0;
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -89,10 +89,18 @@ impl E2eeClient {
                 });
             }
         });
-        client.sync_once(SyncSettings::default()).await.unwrap();
+        let first = client.sync_once(SyncSettings::default()).await.unwrap();
         let syncing = client.clone();
+        // NB: our own loop, not Client::sync: that one sleeps a second after any sync that
+        // returned within a second, which would add up to 1 s to every message seen here.
         let sync = tokio::spawn(async move {
-            let _ = syncing.sync(SyncSettings::default().timeout(Duration::from_millis(500))).await;
+            let mut settings = SyncSettings::default().timeout(Duration::from_millis(500)).token(first.next_batch);
+            loop {
+                match syncing.sync_once(settings.clone()).await {
+                    Ok(response) => settings = settings.token(response.next_batch),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
         });
         E2eeClient { client, received, sync }
     }
