@@ -2,7 +2,9 @@
 //! End-to-end latency of a command in an encrypted room, on a real Synapse over loopback.
 //!
 //! A matrix-sdk client sends N commands (env `BENCH_N`, default 40), alternating `start` and
-//! `stop`, each once the previous one was answered and its rollout reported. For each it
+//! `stop`, each once the previous one was answered and its rollout reported, and then `BENCH_GAP_MS`
+//! (default 250) later, as a person would: 0 sends back to back, so a command can queue behind
+//! the bridge's handling of its own previous messages. For each it
 //! measures send → PATCH `/scale` (as the test apiserver recorded its arrival) and send →
 //! decrypted reply at the client. The floor is the same messages into a second encrypted room
 //! whose only other member belongs to a do-nothing appservice (its own registration on the same
@@ -52,6 +54,7 @@ fn floor_bot() -> OwnedUserId {
 
 async fn run() {
     let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_N);
+    let gap = Duration::from_millis(std::env::var("BENCH_GAP_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(250));
     let binary = bench_binary();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let dir = scratch_dir();
@@ -122,6 +125,7 @@ async fn run() {
         let sent = SystemTime::now();
         let event = alice.send_text(&floor_room, text).await;
         floor_txn.push(ms_between(sent, floor.wait(&event).await));
+        tokio::time::sleep(gap).await;
     }
     let cpu = Cpu::of(bridge.pid()).since(&cpu_before);
     let metrics_after = scrape(&bridge.url).await;
@@ -130,7 +134,10 @@ async fn run() {
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     println!();
-    println!("e2e_latency: {n} commands (alternating start/stop), encrypted rooms, real Synapse on loopback");
+    println!(
+        "e2e_latency: {n} commands (alternating start/stop) {} ms apart, encrypted rooms, real Synapse on loopback",
+        gap.as_millis()
+    );
     println!("server under test: {}", binary.display());
     println!("load average before / after: {} / {}", load_before.trim(), load_after.trim());
     println!();
