@@ -14,18 +14,20 @@
 //! Run: `cargo bench --bench e2e_latency`. The server under test is the production release
 //! build (made in `<target>/bench-server` on first use); `BENCH_BIN=/path/to/binary` picks another.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use axum::{Json, Router, body::Bytes, extract::State, routing::put};
+use common::{ServerProcess, bench_binary, env_or, proc_status_kb};
 use matrix_k8s_toggle::registration::{Registration, parse_server_name};
 use matrix_sdk::ruma::{
     OwnedEventId, OwnedUserId,
@@ -53,8 +55,8 @@ fn floor_bot() -> OwnedUserId {
 }
 
 async fn run() {
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_N);
-    let gap = Duration::from_millis(std::env::var("BENCH_GAP_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(250));
+    let n: usize = env_or("BENCH_N", DEFAULT_N);
+    let gap = Duration::from_millis(env_or("BENCH_GAP_MS", 250));
     let binary = bench_binary();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let dir = scratch_dir();
@@ -176,50 +178,18 @@ async fn run() {
     drop(synapse);
 }
 
-/// The binary under test: `BENCH_BIN` if set, else the production build of the server. NB: not
-/// the one Cargo builds beside this benchmark: that one has its dependencies' features unified
-/// with the dev-dependencies'. It is built with `cargo build --release` into its own target
-/// directory, `<target>/bench-server` (a no-op when up to date).
-fn bench_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("BENCH_BIN") {
-        return PathBuf::from(path);
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| manifest.join("target"), PathBuf::from);
-    let target = target.join("bench-server");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the server under test: cargo build --release into {}", target.display());
-    let status = Command::new(cargo)
-        .current_dir(manifest)
-        .args(["build", "--release", "--locked", "-p", "matrix-k8s-toggle", "--bin", "matrix-k8s-toggle"])
-        .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("running cargo");
-    assert!(status.success(), "building the server under test failed");
-    target.join("release").join("matrix-k8s-toggle")
-}
-
 /// Our server as a child process with the setup's environment.
+/// Our server with the setup's environment, ready.
 struct Server {
-    child: Option<Child>,
+    process: ServerProcess,
     url: String,
 }
 
 impl Server {
     async fn spawn(binary: &Path, setup: &BridgeSetup, homeserver: &str, log: &Path) -> Server {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(binary)
-            .arg("serve")
-            .env_clear()
-            .envs(&setup.env)
-            .env("MATRIX_HOMESERVER", homeserver)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting the bridge");
-        let server = Server { child: Some(child), url: format!("http://{}", setup.env["LISTEN_ADDRESS"]) };
+        let env = setup.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain([("MATRIX_HOMESERVER", homeserver)]);
+        let process = ServerProcess::spawn(binary, env, log);
+        let server = Server { process, url: format!("http://{}", setup.env["LISTEN_ADDRESS"]) };
         let http = reqwest::Client::new();
         let url = format!("{}/readyz", server.url);
         wait_for(WAIT, "the bridge to be ready", || async {
@@ -230,24 +200,11 @@ impl Server {
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.process.pid()
     }
 
-    /// SIGTERM, then wait for the exit.
-    fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn stop(self) {
+        self.process.stop();
     }
 }
 
@@ -364,20 +321,13 @@ fn scale_patches(api: &TestApiServer) -> Vec<test_apiserver::RecordedRequest> {
     api.requests().into_iter().filter(|r| r.method == "PATCH" && r.path.ends_with("/scale")).collect()
 }
 
-/// Polls `f` every 2 ms until it returns `Some`; panics after `timeout`.
-async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+/// Polls `f` every 2 ms (arrival times are measured by polling) until it returns `Some`.
+async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    support::eventually_every(Duration::from_millis(2), timeout, what, f).await
 }
 
 fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
@@ -498,13 +448,4 @@ fn clock_ticks_per_second() -> u64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100)
-}
-
-/// A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM, ...).
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

@@ -8,15 +8,16 @@
 //! Run: `cargo bench --bench footprint`. The server under test is the production release build
 //! (made in `<target>/bench-server` on first use); `BENCH_BIN=/path/to/binary` picks another.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use common::{ServerProcess, bench_binary, env_or, proc_status_kb};
 use support::{bridge::BridgeSetup, scratch_dir, synapse::Synapse};
 use test_apiserver::TestApiServer;
 
@@ -94,34 +95,6 @@ async fn run() {
     drop(synapse);
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// The binary under test: `BENCH_BIN` if set, else the production build of the server. NB: not
-/// the one Cargo builds beside this benchmark: that one has its dependencies' features unified
-/// with the dev-dependencies'. It is built with `cargo build --release` into its own target
-/// directory, `<target>/bench-server` (a no-op when up to date).
-fn bench_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("BENCH_BIN") {
-        return PathBuf::from(path);
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| manifest.join("target"), PathBuf::from);
-    let target = target.join("bench-server");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the server under test: cargo build --release into {}", target.display());
-    let status = Command::new(cargo)
-        .current_dir(manifest)
-        .args(["build", "--release", "--locked", "-p", "matrix-k8s-toggle", "--bin", "matrix-k8s-toggle"])
-        .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("running cargo");
-    assert!(status.success(), "building the server under test failed");
-    target.join("release").join("matrix-k8s-toggle")
-}
-
 /// Milliseconds from spawn to each milestone.
 struct StartTimes {
     healthz: f64,
@@ -130,7 +103,7 @@ struct StartTimes {
 }
 
 struct Server {
-    child: Option<Child>,
+    process: ServerProcess,
     log: PathBuf,
 }
 
@@ -145,23 +118,17 @@ impl Server {
     ) -> (Server, StartTimes) {
         let log = dir.join(format!("bridge-{}.log", state.file_name().unwrap().to_string_lossy()));
         let offset = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let base = format!("http://{}", setup.env["LISTEN_ADDRESS"]);
         let http =
             reqwest::Client::builder().timeout(Duration::from_secs(2)).pool_max_idle_per_host(0).build().unwrap();
         let started = Instant::now();
-        let child = Command::new(binary)
-            .arg("serve")
-            .env_clear()
-            .envs(&setup.env)
-            .env("MATRIX_HOMESERVER", homeserver)
-            .env("STATE_DIR", state)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("starting the bridge");
-        let server = Server { child: Some(child), log: log.clone() };
+        let state = state.to_str().expect("a UTF-8 path");
+        let env = setup
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain([("MATRIX_HOMESERVER", homeserver), ("STATE_DIR", state)]);
+        let server = Server { process: ServerProcess::spawn(binary, env, &log), log: log.clone() };
         let ok = |path: &'static str| {
             let (http, url) = (http.clone(), format!("{base}{path}"));
             async move { http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) }
@@ -199,32 +166,10 @@ impl Server {
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.process.pid()
     }
 
-    /// SIGTERM, then wait for the exit.
-    fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
+    fn stop(self) {
+        self.process.stop();
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM, ...), or a plain count (Threads).
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

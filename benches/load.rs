@@ -14,14 +14,17 @@
 
 use std::{
     net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     rc::Rc,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
+use common::{ServerProcess, bench_binary, env_or, proc_status_kb};
 use matrix_k8s_toggle::registration::{Registration, parse_server_name};
+
+mod common;
 
 /// Longest a phase may run, whatever LOAD_SECS says.
 const MAX_SECS: u64 = 120;
@@ -35,10 +38,6 @@ fn main() {
     // NB: the generator gets one thread, so the server has the other core to itself.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(run());
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 async fn run() {
@@ -65,9 +64,9 @@ async fn run() {
     let hs_token = registration.hs_token.expose().to_owned();
     let state = dir.path().join("state");
     let closed_port = free_port();
-    let server = Server::spawn(
+    let server = ServerProcess::spawn(
         &binary,
-        &[
+        [
             ("MATRIX_HOMESERVER", format!("http://127.0.0.1:{closed_port}")),
             ("MATRIX_SERVER_NAME", "localhost".into()),
             ("REGISTRATION_PATH", registration_path.display().to_string()),
@@ -176,7 +175,7 @@ async fn phase(
     http: &reqwest::Client,
     base: &str,
     hs_token: &str,
-    server: &Server,
+    server: &ServerProcess,
     connections: usize,
     events: usize,
     length: Duration,
@@ -300,71 +299,6 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The binary under test: `BENCH_BIN` if set, else the production build of the server. NB: not
-/// the one Cargo builds beside this benchmark: that one has its dependencies' features unified
-/// with the dev-dependencies'. It is built with `cargo build --release` into its own target
-/// directory, `<target>/bench-server` (a no-op when up to date).
-fn bench_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("BENCH_BIN") {
-        return PathBuf::from(path);
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| manifest.join("target"), PathBuf::from);
-    let target = target.join("bench-server");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the server under test: cargo build --release into {}", target.display());
-    let status = Command::new(cargo)
-        .current_dir(manifest)
-        .args(["build", "--release", "--locked", "-p", "matrix-k8s-toggle", "--bin", "matrix-k8s-toggle"])
-        .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("running cargo");
-    assert!(status.success(), "building the server under test failed");
-    target.join("release").join("matrix-k8s-toggle")
-}
-
-struct Server {
-    child: Option<Child>,
-}
-
-impl Server {
-    fn spawn(binary: &Path, env: &[(&str, String)], log: &Path) -> Server {
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(binary)
-            .arg("serve")
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting the server");
-        Server { child: Some(child) }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// SIGTERM, then wait for the exit.
-    fn stop(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let hz: f64 = Command::new("getconf")
@@ -380,13 +314,4 @@ fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     (field(14) + field(15)) as f64 / hz
-}
-
-/// A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM, ...).
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }

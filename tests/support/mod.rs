@@ -25,7 +25,16 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_every(Duration::from_millis(100), timeout, what, f).await
+}
+
+/// Polls `f` every `interval` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually_every<T, F, Fut>(interval: Duration, timeout: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -38,7 +47,7 @@ where
         if Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
