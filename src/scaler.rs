@@ -156,18 +156,35 @@ pub struct Scaler {
     retry: RetryPolicy,
 }
 
-/// Logs the first failure of a rollout watch (the watcher retries by itself), e.g. a 403 when
-/// the Role lacks `list` or `watch`.
-fn watch_failed(t: &Target, error: &watcher::Error, warned: &mut bool) {
-    if !std::mem::replace(warned, true) {
-        tracing::warn!(
-            target = %t.name,
-            workload = %t.workload,
-            namespace = %t.namespace,
-            error = %error,
-            "watching the rollout failed; retrying until the rollout timeout"
-        );
+/// Watches the workload until its status settles; `last` keeps the latest status seen. Returns
+/// false if the watch ends first. The watcher retries failures by itself; the first (e.g. a
+/// 403 when the Role lacks `list` or `watch`) is logged.
+async fn follow<K>(api: Api<K>, t: &Target, status: fn(&K) -> WorkloadStatus, last: &mut WorkloadStatus) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut stream = watcher::watch_object(api, &t.workload).boxed();
+    let mut warned = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(Some(object)) => {
+                *last = status(&object);
+                if settled(last) {
+                    return true;
+                }
+            }
+            Ok(None) => {}
+            Err(error) if !std::mem::replace(&mut warned, true) => tracing::warn!(
+                target = %t.name,
+                workload = %t.workload,
+                namespace = %t.namespace,
+                error = %error,
+                "watching the rollout failed; retrying until the rollout timeout"
+            ),
+            Err(_) => {}
+        }
     }
+    false
 }
 
 /// One permission the scaler uses: (verb, resource with subresource).
@@ -358,43 +375,17 @@ impl Scaler {
         if settled(&last) {
             return Ok((last, true, started.elapsed()));
         }
-        let mut warned = false;
         let outcome = tokio::time::timeout(timeout, async {
             match t.kind {
                 WorkloadKind::Deployment => {
-                    let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                    let mut stream = watcher::watch_object(api, &t.workload).boxed();
-                    while let Some(item) = stream.next().await {
-                        match item {
-                            Ok(Some(d)) => {
-                                last = deployment_status(&d);
-                                if settled(&last) {
-                                    return true;
-                                }
-                            }
-                            Ok(None) => {}
-                            Err(e) => watch_failed(t, &e, &mut warned),
-                        }
-                    }
+                    let api = Api::namespaced(self.client.clone(), &t.namespace);
+                    follow(api, t, deployment_status, &mut last).await
                 }
                 WorkloadKind::StatefulSet => {
-                    let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                    let mut stream = watcher::watch_object(api, &t.workload).boxed();
-                    while let Some(item) = stream.next().await {
-                        match item {
-                            Ok(Some(s)) => {
-                                last = statefulset_status(&s);
-                                if settled(&last) {
-                                    return true;
-                                }
-                            }
-                            Ok(None) => {}
-                            Err(e) => watch_failed(t, &e, &mut warned),
-                        }
-                    }
+                    let api = Api::namespaced(self.client.clone(), &t.namespace);
+                    follow(api, t, statefulset_status, &mut last).await
                 }
             }
-            false
         })
         .await;
         let done = outcome.unwrap_or(false);
