@@ -248,8 +248,7 @@ async fn handle_transaction(
             Some((id, e.json().get().to_owned()))
         })
         .collect();
-    let now_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now_ms = crate::store::now_ms();
     let added = store_call(inner, |s| s.record_transaction(txn_id, &queued, now_ms))?;
     tracing::debug!(events = txn.events.len(), queued = added, to_device = txn.to_device.len(), "transaction accepted");
     if added > 0 {

@@ -41,7 +41,7 @@ use crate::{
     policy::RateLimiter,
     rooms::Rooms,
     scaler::{Change, ScaleError, Scaler, State, WorkloadStatus},
-    store::{Job, Parked, Progress, Rollout, Store, StoreError},
+    store::{Job, Parked, Progress, Rollout, Store, StoreError, now_ms},
     worker::{JobHandler, Outcome},
 };
 
@@ -830,14 +830,8 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 fn elapsed_since_ms(ms: i64) -> Duration {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(ms);
-    Duration::from_millis((now - ms).max(0) as u64)
+    Duration::from_millis((now_ms() - ms).max(0) as u64)
 }
 
 /// One line of `status` for a target.

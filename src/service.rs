@@ -22,7 +22,7 @@ use crate::{
     rooms::Rooms,
     scaler::{RetryPolicy, Scaler},
     startup,
-    store::{Store, StoreError},
+    store::{self, Store, StoreError},
     worker,
 };
 
@@ -150,11 +150,7 @@ async fn sweep_undecryptable(bridge: Arc<Bridge>, mut stop: watch::Receiver<bool
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = stop.changed() => return,
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        bridge.report_undecryptable(now_ms).await;
+        bridge.report_undecryptable(store::now_ms()).await;
     }
 }
 
@@ -164,11 +160,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
 /// At start and then hourly, forgets state older than [`crate::store::RETENTION_MS`].
 async fn prune_state(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
     loop {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        match store.prune(now_ms - crate::store::RETENTION_MS) {
+        match store.prune(crate::store::now_ms() - crate::store::RETENTION_MS) {
             Ok(pruned) if pruned != Default::default() => {
                 tracing::info!(transactions = pruned.transactions, jobs = pruned.jobs, "forgot old handled work");
             }

@@ -84,6 +84,11 @@ pub struct Rollout {
 /// Most encrypted events kept waiting for their keys; the oldest are dropped beyond it.
 pub const MAX_PARKED: i64 = 1000;
 
+/// Now, in the store's time unit: milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// How long handled transactions, jobs and command progress are remembered. Synapse re-sends a
 /// transaction only until it is answered, so a week is far beyond any re-delivery.
 pub const RETENTION_MS: i64 = 7 * 24 * 60 * 60 * 1000;
