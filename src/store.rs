@@ -154,6 +154,10 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 ";
 
+/// Records how far a command has come: (event id, stage, reply).
+const SET_PROGRESS: &str = "INSERT INTO progress (event_id, stage, reply) VALUES (?1, ?2, ?3)
+    ON CONFLICT(event_id) DO UPDATE SET stage = excluded.stage, reply = excluded.reply";
+
 impl Store {
     /// Opens (creating if needed) the state database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -255,11 +259,7 @@ impl Store {
             Progress::Acted { reply } => ("acted", Some(reply.as_str())),
             Progress::Replied => ("replied", None),
         };
-        self.conn().execute(
-            "INSERT INTO progress (event_id, stage, reply) VALUES (?1, ?2, ?3)
-             ON CONFLICT(event_id) DO UPDATE SET stage = excluded.stage, reply = excluded.reply",
-            params![event_id, stage, reply],
-        )?;
+        self.conn().execute(SET_PROGRESS, params![event_id, stage, reply])?;
         Ok(())
     }
 
@@ -268,11 +268,7 @@ impl Store {
     pub fn set_acted(&self, event_id: &str, reply: &str, rollout: Option<&Rollout>) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO progress (event_id, stage, reply) VALUES (?1, 'acted', ?2)
-             ON CONFLICT(event_id) DO UPDATE SET stage = excluded.stage, reply = excluded.reply",
-            params![event_id, reply],
-        )?;
+        tx.execute(SET_PROGRESS, params![event_id, "acted", reply])?;
         if let Some(r) = rollout {
             tx.execute(
                 "INSERT OR REPLACE INTO rollouts (event_id, room_id, target, up, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
