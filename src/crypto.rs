@@ -121,7 +121,11 @@ pub struct Crypto {
     work: Arc<tokio::sync::Notify>,
     outgoing: AsyncMutex<()>,
     room_locks: std::sync::Mutex<HashMap<OwnedRoomId, Arc<AsyncMutex<()>>>>,
+    fed_key_counts: std::sync::Mutex<Option<KeyCounts>>,
 }
+
+/// One-time-key counts and unused fallback key types, as last fed to the machine.
+type KeyCounts = (BTreeMap<OneTimeKeyAlgorithm, UInt>, Option<Vec<OneTimeKeyAlgorithm>>);
 
 impl std::fmt::Debug for Crypto {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -287,6 +291,7 @@ impl Crypto {
             work: work.clone(),
             outgoing: AsyncMutex::new(()),
             room_locks: Default::default(),
+            fed_key_counts: Default::default(),
         })
     }
 
@@ -329,8 +334,9 @@ impl Crypto {
     }
 
     /// Takes in a transaction's end-to-end encryption data (to-device events, device lists,
-    /// key counts) for our device. Never fails the transaction.
-    pub async fn ingest(&self, txn: &Transaction) {
+    /// key counts) for our device and says whether the machine had anything new to take in.
+    /// Never fails the transaction.
+    pub async fn ingest(&self, txn: &Transaction) -> bool {
         let bot = self.matrix.bot();
         let device = self.machine.device_id();
         let to_device: Vec<Raw<AnyToDeviceEvent>> = txn
@@ -353,18 +359,22 @@ impl Crypto {
         let mut lists = DeviceLists::new();
         lists.changed = txn.device_lists.changed.clone();
         lists.left = txn.device_lists.left.clone();
-        if to_device.is_empty() && counts.is_empty() && fallback.is_none() && lists.is_empty() {
-            return;
+        let key_counts = (counts, fallback);
+        let last = self.fed_key_counts.lock().expect("not poisoned").clone();
+        if !is_news(to_device.len(), &lists, &key_counts, last.as_ref()) {
+            return false;
         }
+        let (counts, fallback) = &key_counts;
         let changes = EncryptionSyncChanges {
             to_device_events: to_device,
             changed_devices: &lists,
-            one_time_keys_counts: &counts,
+            one_time_keys_counts: counts,
             unused_fallback_keys: fallback.as_deref(),
             next_batch_token: None,
         };
         match self.machine.receive_sync_changes(changes, &decryption_settings()).await {
             Ok((_, room_keys)) => {
+                *self.fed_key_counts.lock().expect("not poisoned") = Some(key_counts);
                 let mut requeued = 0;
                 for key in room_keys {
                     self.metrics.crypto("room_key_received");
@@ -385,6 +395,7 @@ impl Crypto {
                 tracing::error!(error = %e, "could not take in the transaction's encryption data");
             }
         }
+        true
     }
 
     /// Sends every outgoing request of the machine (serialised) and marks each sent.
@@ -695,10 +706,19 @@ impl crate::appservice::TransactionSink for CryptoCell {
                 tracing::error!("encryption is not set up; this transaction's room keys are lost");
                 return;
             };
-            crypto.ingest(txn).await;
-            tokio::spawn(async move { crypto.flush().await });
+            if crypto.ingest(txn).await {
+                tokio::spawn(async move { crypto.flush().await });
+            }
         })
     }
+}
+
+/// Whether a transaction tells the machine anything: to-device events, device-list changes,
+/// or key counts other than the ones it was last given. Synapse repeats the counts in every
+/// transaction, and feeding the same ones again costs a crypto store write for nothing.
+fn is_news(to_device: usize, lists: &DeviceLists, counts: &KeyCounts, last: Option<&KeyCounts>) -> bool {
+    let no_counts = counts.0.is_empty() && counts.1.is_none();
+    to_device > 0 || !lists.is_empty() || (!no_counts && last != Some(counts))
 }
 
 /// Sets up encryption in the background, retrying while the homeserver is unreachable.
@@ -722,5 +742,41 @@ pub async fn start_in_background(
                 tokio::time::sleep(RETRY_SETUP).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::owned_user_id;
+
+    use super::*;
+
+    fn counts(signed: u32, fallback: bool) -> KeyCounts {
+        let counts = BTreeMap::from([(OneTimeKeyAlgorithm::SignedCurve25519, UInt::from(signed))]);
+        (counts, fallback.then(|| vec![OneTimeKeyAlgorithm::SignedCurve25519]))
+    }
+
+    #[test]
+    fn the_same_key_counts_again_are_not_news_but_changed_ones_are() {
+        let none = DeviceLists::new();
+        assert!(is_news(0, &none, &counts(50, true), None));
+        assert!(!is_news(0, &none, &counts(50, true), Some(&counts(50, true))));
+        assert!(is_news(0, &none, &counts(49, true), Some(&counts(50, true))));
+        assert!(is_news(0, &none, &counts(50, false), Some(&counts(50, true))));
+    }
+
+    #[test]
+    fn to_device_events_and_device_list_changes_are_news_even_with_the_same_counts() {
+        let same = counts(50, true);
+        assert!(is_news(1, &DeviceLists::new(), &same, Some(&same)));
+        let mut changed = DeviceLists::new();
+        changed.changed.push(owned_user_id!("@alice:localhost"));
+        assert!(is_news(0, &changed, &same, Some(&same)));
+    }
+
+    #[test]
+    fn a_transaction_without_any_encryption_data_is_not_news() {
+        let empty: KeyCounts = (BTreeMap::new(), None);
+        assert!(!is_news(0, &DeviceLists::new(), &empty, None));
     }
 }
