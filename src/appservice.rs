@@ -25,7 +25,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use ruma::api::{IncomingRequest, appservice::event::push_events};
+use ruma::{
+    OwnedUserId,
+    api::{IncomingRequest, appservice::event::push_events},
+};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Mutex, Notify};
@@ -77,6 +80,7 @@ struct Inner {
     work: Arc<Notify>,
     homeserver_reachable: Arc<AtomicBool>,
     serial: Mutex<()>,
+    own_sender: std::sync::OnceLock<OwnedUserId>,
 }
 
 impl AppState {
@@ -99,8 +103,16 @@ impl AppState {
                 work,
                 homeserver_reachable,
                 serial: Mutex::new(()),
+                own_sender: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Leaves events sent by `user` (the bot itself) out of the work queue: Synapse sends the
+    /// bot's own messages back to it, and there is nothing to do for them.
+    pub fn ignoring_events_from(self, user: OwnedUserId) -> Self {
+        let _ = self.inner.own_sender.set(user);
+        self
     }
 }
 
@@ -243,6 +255,10 @@ async fn handle_transaction(
     let queued: Vec<(String, String)> = txn
         .events
         .iter()
+        .filter(|e| {
+            let own = inner.own_sender.get().map(|u| u.as_str());
+            own.is_none() || e.get_field::<&str>("sender").ok().flatten() != own
+        })
         .filter_map(|e| {
             let id = e.get_field::<String>("event_id").ok().flatten()?;
             Some((id, e.json().get().to_owned()))

@@ -70,7 +70,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         crypto.clone(),
         work.clone(),
         reachable.clone(),
-    );
+    )
+    .ignoring_events_from(config.bot_user_id.clone());
 
     let listener = tokio::net::TcpListener::bind(config.listen_address)
         .await

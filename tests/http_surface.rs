@@ -123,6 +123,18 @@ async fn events_of_a_transaction_are_queued_in_order() {
 }
 
 #[tokio::test]
+async fn the_bots_own_events_are_answered_but_not_queued() {
+    let mut f = fixture();
+    f.state = f.state.ignoring_events_from(ruma::OwnedUserId::try_from("@toggle:x").unwrap());
+    let ev = |id: &str, sender: &str| serde_json::json!({"type":"m.room.message","event_id":id,"room_id":"!r:x","sender":sender,"origin_server_ts":1,"content":{}});
+    let body = serde_json::json!({ "events": [ev("$1", "@a:x"), ev("$2", "@toggle:x"), ev("$3", "@toggle:xy")] });
+    let (status, _) = call(&f, "PUT", "/_matrix/app/v1/transactions/own", body.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+    assert_eq!(ids, ["$1", "$3"]);
+}
+
+#[tokio::test]
 async fn readiness_reports_an_unreachable_homeserver() {
     let f = fixture();
     let resp = app(f.state.clone()).oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap();
