@@ -360,8 +360,9 @@ impl Crypto {
         lists.changed = txn.device_lists.changed.clone();
         lists.left = txn.device_lists.left.clone();
         let key_counts = (counts, fallback);
-        let last = self.fed_key_counts.lock().expect("not poisoned").clone();
-        if !is_news(to_device.len(), &lists, &key_counts, last.as_ref()) {
+        let news =
+            is_news(to_device.len(), &lists, &key_counts, self.fed_key_counts.lock().expect("not poisoned").as_ref());
+        if !news {
             return false;
         }
         let (counts, fallback) = &key_counts;
