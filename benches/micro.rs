@@ -23,7 +23,7 @@ use matrix_k8s_toggle::{
     commands::{self, Addressed, BotNames},
     metrics::Metrics,
     secret::Secret,
-    store::Store,
+    store::{QueuedEvent, Store, TransactionSeen},
 };
 use matrix_sdk_crypto::{
     CollectStrategy, DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine,
@@ -106,11 +106,15 @@ fn transaction_body(unique: u64) -> Vec<u8> {
     serde_json::to_vec(&json!({ "events": events })).unwrap()
 }
 
-fn queued(unique: u64) -> Vec<(String, String)> {
+fn queued(unique: u64) -> Vec<QueuedEvent> {
     (0..EVENTS_PER_TXN)
         .map(|i| {
             let event = room_event(i, unique);
-            (event["event_id"].as_str().unwrap().to_owned(), event.to_string())
+            QueuedEvent {
+                event_id: event["event_id"].as_str().unwrap().to_owned(),
+                room_id: event["room_id"].as_str().unwrap_or_default().to_owned(),
+                json: event.to_string(),
+            }
         })
         .collect()
 }
@@ -133,8 +137,8 @@ fn transactions(c: &mut Criterion) {
                 (format!("txn-{n}"), queued(n))
             },
             |(txn, events)| {
-                assert!(!store.transaction_seen(&txn).unwrap());
-                store.record_transaction(&txn, &events, 0).unwrap()
+                assert_eq!(store.transaction_seen(&txn, "hash").unwrap(), TransactionSeen::New);
+                store.record_transaction(&txn, "hash", &events, 0).unwrap()
             },
             BatchSize::SmallInput,
         );

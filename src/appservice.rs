@@ -12,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -35,9 +35,10 @@ use tokio::sync::{Mutex, Notify};
 use tower_http::trace::TraceLayer;
 
 use crate::{
+    clock::{Clock, SharedClock, SystemClock},
     metrics::{Metrics, ResultLabel, TypeLabel},
     secret::Secret,
-    store::Store,
+    store::{QueuedEvent, Store, TransactionSeen},
 };
 
 /// Largest transaction body accepted: 100 events of 64 KiB plus as many to-device events.
@@ -54,6 +55,26 @@ pub type Transaction = push_events::v1::Request;
 pub trait TransactionSink: Send + Sync {
     /// Takes in a transaction's to-device events, device lists and key counts.
     fn ingest<'a>(&'a self, txn: &'a Transaction) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+    /// Whether encryption is up (readiness); a sink without encryption always is.
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// When `/readyz` stops saying ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadinessBounds {
+    /// How long after start encryption may still be setting up.
+    pub encryption_grace: Duration,
+    /// How long the oldest queued job may wait before the bridge counts as stuck.
+    pub max_job_age: Duration,
+}
+
+impl Default for ReadinessBounds {
+    fn default() -> Self {
+        Self { encryption_grace: Duration::from_secs(60), max_job_age: Duration::from_secs(5 * 60) }
+    }
 }
 
 /// A sink that ignores everything (no encryption).
@@ -81,6 +102,10 @@ struct Inner {
     homeserver_reachable: Arc<AtomicBool>,
     serial: Mutex<()>,
     own_sender: std::sync::OnceLock<OwnedUserId>,
+    told_reuse: AtomicBool,
+    clock: SharedClock,
+    started_ms: i64,
+    bounds: ReadinessBounds,
 }
 
 impl AppState {
@@ -104,8 +129,31 @@ impl AppState {
                 homeserver_reachable,
                 serial: Mutex::new(()),
                 own_sender: std::sync::OnceLock::new(),
+                told_reuse: AtomicBool::new(false),
+                started_ms: SystemClock.now_ms(),
+                clock: Arc::new(SystemClock),
+                bounds: ReadinessBounds::default(),
             }),
         }
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("set before the state is shared")
+    }
+
+    /// Uses `clock` for arrival times and readiness (tests move it by hand); the start time
+    /// is read from it now.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        let inner = self.inner_mut();
+        inner.started_ms = clock.now_ms();
+        inner.clock = clock;
+        self
+    }
+
+    /// Uses these readiness bounds instead of the defaults.
+    pub fn with_readiness(mut self, bounds: ReadinessBounds) -> Self {
+        self.inner_mut().bounds = bounds;
+        self
     }
 
     /// Leaves events sent by `user` (the bot itself) out of the work queue: Synapse sends the
@@ -242,9 +290,23 @@ async fn handle_transaction(
         }
     })?;
     let _serial = inner.serial.lock().await;
-    if store_call(inner, |s| s.transaction_seen(txn_id))? {
-        tracing::debug!("transaction already processed");
-        return Ok(false);
+    let body_hash = body_hash(&body);
+    match store_call(inner, |s| s.transaction_seen(txn_id, &body_hash))? {
+        TransactionSeen::New => {}
+        TransactionSeen::Retry => {
+            tracing::debug!("transaction already processed");
+            return Ok(false);
+        }
+        TransactionSeen::Reused => {
+            inner.metrics.transactions_id_reused.inc();
+            if !inner.told_reuse.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    "the homeserver reused a transaction id with new content (Synapse on SQLite does after a restart); processing it as new, and counting further ones in transactions_id_reused_total"
+                );
+            } else {
+                tracing::debug!("transaction id reused with new content; processing it as new");
+            }
+        }
     }
     let txn = parse_transaction(txn_id, &body)?;
     for event in &txn.events {
@@ -252,7 +314,7 @@ async fn handle_transaction(
         inner.metrics.events.get_or_create(&TypeLabel { r#type: kind }).inc();
     }
     inner.sink.ingest(&txn).await;
-    let queued: Vec<(String, String)> = txn
+    let queued: Vec<QueuedEvent> = txn
         .events
         .iter()
         .filter(|e| {
@@ -260,17 +322,25 @@ async fn handle_transaction(
             own.is_none() || e.get_field::<&str>("sender").ok().flatten() != own
         })
         .filter_map(|e| {
-            let id = e.get_field::<String>("event_id").ok().flatten()?;
-            Some((id, e.json().get().to_owned()))
+            let event_id = e.get_field::<String>("event_id").ok().flatten()?;
+            let room_id = e.get_field::<String>("room_id").ok().flatten().unwrap_or_default();
+            Some(QueuedEvent { event_id, room_id, json: e.json().get().to_owned() })
         })
         .collect();
-    let now_ms = crate::store::now_ms();
-    let added = store_call(inner, |s| s.record_transaction(txn_id, &queued, now_ms))?;
+    let now_ms = inner.clock.now_ms();
+    let added = store_call(inner, |s| s.record_transaction(txn_id, &body_hash, &queued, now_ms))?;
     tracing::debug!(events = txn.events.len(), queued = added, to_device = txn.to_device.len(), "transaction accepted");
     if added > 0 {
         inner.work.notify_one();
     }
     Ok(true)
+}
+
+/// The SHA-256 of a transaction body, hex: what tells a retry from a reused id.
+fn body_hash(body: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn store_call<T>(
@@ -331,20 +401,69 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready when the state database answers, the homeserver is reachable, encryption is up (or
+/// still within its start-up grace) and the oldest queued job is not older than the bound.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
-    let store = state.inner.store.is_healthy();
-    let homeserver = state.inner.homeserver_reachable.load(Ordering::Relaxed);
-    let status = if store && homeserver { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, format!("state_store: {}\nhomeserver: {}\n", ok(store), ok(homeserver)))
+    let inner = &state.inner;
+    let now_ms = inner.clock.now_ms();
+    let store = inner.store.queue_stats();
+    let homeserver = inner.homeserver_reachable.load(Ordering::Relaxed);
+    let encryption = if inner.sink.is_ready() {
+        Check::Ok
+    } else if now_ms - inner.started_ms <= inner.bounds.encryption_grace.as_millis() as i64 {
+        Check::Starting
+    } else {
+        Check::Failing("not set up; see the log")
+    };
+    let queue = match &store {
+        Ok(stats) => {
+            let age_ms = stats.oldest_received_ms.map_or(0, |t| (now_ms - t).max(0));
+            if age_ms > inner.bounds.max_job_age.as_millis() as i64 {
+                Check::Stuck { depth: stats.depth, age: Duration::from_millis(age_ms as u64) }
+            } else {
+                Check::Ok
+            }
+        }
+        Err(_) => Check::Failing("unavailable"),
+    };
+    let checks = [
+        ("state_store", if store.is_ok() { Check::Ok } else { Check::Failing("unavailable") }),
+        ("homeserver", if homeserver { Check::Ok } else { Check::Failing("unavailable") }),
+        ("encryption", encryption),
+        ("queue", queue),
+    ];
+    let ready = checks.iter().all(|(_, c)| !matches!(c, Check::Failing(_) | Check::Stuck { .. }));
+    let text: String = checks.iter().map(|(name, check)| format!("{name}: {check}\n")).collect();
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, text)
 }
 
-fn ok(b: bool) -> &'static str {
-    if b { "ok" } else { "unavailable" }
+/// One line of `/readyz`.
+enum Check {
+    Ok,
+    Starting,
+    Failing(&'static str),
+    Stuck { depth: usize, age: Duration },
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Check::Ok => f.write_str("ok"),
+            Check::Starting => f.write_str("starting"),
+            Check::Failing(why) => f.write_str(why),
+            Check::Stuck { depth, age } => {
+                write!(f, "stuck: {depth} waiting, the oldest for {} s", age.as_secs())
+            }
+        }
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.inner.metrics.render(),
-    )
+    let inner = &state.inner;
+    if let Ok(stats) = inner.store.queue_stats() {
+        let age_ms = stats.oldest_received_ms.map_or(0, |t| (inner.clock.now_ms() - t).max(0));
+        inner.metrics.queue_depth.set(stats.depth as i64);
+        inner.metrics.queue_oldest_job_age_seconds.set(age_ms as f64 / 1000.0);
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], inner.metrics.render())
 }

@@ -33,6 +33,7 @@ use ruma::{
 use matrix_sdk_common::deserialized_responses::EncryptionInfo;
 
 use crate::{
+    clock::{SharedClock, SystemClock},
     commands::{self, Addressed, BotNames, Command, Parsed, Permission},
     config::{Config, RefusalMode, Target},
     crypto::{CryptoCell, CryptoError, Decryption},
@@ -63,6 +64,14 @@ pub enum BridgeError {
 }
 
 impl BridgeError {
+    /// Whether the homeserver refused the message as too large.
+    fn is_too_large(&self) -> bool {
+        match self {
+            BridgeError::Matrix(e) | BridgeError::Crypto(CryptoError::Matrix(e)) => e.is_too_large(),
+            _ => false,
+        }
+    }
+
     fn is_transient(&self) -> bool {
         match self {
             BridgeError::Matrix(e) => e.is_transient(),
@@ -90,6 +99,34 @@ impl Reply {
         let html = escape_html(&plain).replace('\n', "<br>");
         Reply { plain, html }
     }
+
+    /// The reply cut to at most `max_bytes` of text (at a character boundary), saying how much
+    /// was left out; `None` when it is already that short.
+    pub fn shortened(&self, max_bytes: usize) -> Option<Reply> {
+        if self.plain.len() <= max_bytes {
+            return None;
+        }
+        let mut cut = max_bytes;
+        while !self.plain.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let left_out = self.plain[cut..].chars().count();
+        Some(Reply::text(format!(
+            "{}… ({left_out} more characters left out: the message was too large)",
+            &self.plain[..cut]
+        )))
+    }
+}
+
+/// How much text a reply keeps when the homeserver refused it as too large: with its HTML
+/// form (at worst five times longer when escaped) and encryption, well under Synapse's
+/// 64 KiB event limit.
+pub const SHORTENED_REPLY_BYTES: usize = 4000;
+
+/// Whether a command sent at `sent_ms` is too old to run at `now_ms`; returns its age if so.
+pub fn too_old(now_ms: i64, sent_ms: i64, max_age: Duration) -> Option<Duration> {
+    let age_ms = now_ms.saturating_sub(sent_ms);
+    (age_ms > max_age.as_millis() as i64).then(|| Duration::from_millis(age_ms as u64))
 }
 
 /// Escapes text for HTML.
@@ -125,6 +162,7 @@ pub struct Bridge {
     refusals: Mutex<HashMap<OwnedRoomId, i64>>,
     limiter: RateLimiter,
     started: std::time::Instant,
+    clock: SharedClock,
 }
 
 impl Bridge {
@@ -155,7 +193,14 @@ impl Bridge {
             refusals: Mutex::new(HashMap::new()),
             limiter: RateLimiter::new(config_limit),
             started: std::time::Instant::now(),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Uses `clock` to tell a command's age (tests move it by hand).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     async fn handle_event(&self, job: &Job, event: AnyTimelineEvent) -> Result<(), BridgeError> {
@@ -225,6 +270,13 @@ impl Bridge {
                         Ok(())
                     }
                 }
+            }
+            Decryption::MissingKey { session_id: Some(_) } if !self.config.allowed_users.allows(sender) => {
+                // NB: only allowed senders' events wait for their keys, so a flood from anyone
+                // else cannot push out a real command.
+                self.metrics.crypto("not_parked_stranger");
+                tracing::debug!(event_id = %job.event_id, sender = %sender, "not keeping an unreadable event of a sender who is not allowed");
+                Ok(())
             }
             Decryption::MissingKey { session_id: Some(session_id) } => {
                 self.metrics.crypto("waiting_for_key");
@@ -397,17 +449,17 @@ impl Bridge {
             return self.refuse(job, room, &message.event_id, sender).await;
         }
 
-        let age_ms = job.received_ms - i64::from(message.origin_server_ts.0);
-        let reply = if age_ms > self.config.command_max_age.as_millis() as i64 {
-            tracing::info!(event_id = %message.event_id, age_ms, "ignoring an old command");
-            Some(Reply::text(format!(
-                "ignored: sent {} ago (commands older than {} are not run)",
-                human_duration(Duration::from_millis(age_ms as u64)),
+        // NB: checked now, when it is about to run, not when it arrived: it may have waited
+        // behind a backlog or for its room key.
+        let sent_ms = i64::from(message.origin_server_ts.0);
+        let reply = too_old(self.clock.now_ms(), sent_ms, self.config.command_max_age).map(|age| {
+            tracing::info!(event_id = %message.event_id, age_ms = age.as_millis() as u64, "not running an old command");
+            Reply::text(format!(
+                "not run: sent {} ago (commands older than {} are not run)",
+                human_duration(age),
                 human_duration(self.config.command_max_age)
-            )))
-        } else {
-            None
-        };
+            ))
+        });
 
         if self.config.echo_mode {
             self.send_notice(room, None, &Reply::text(format!("🦞 {}", text.body)), &txn_id("echo", &message.event_id))
@@ -790,11 +842,22 @@ impl Outbox {
         reply: &Reply,
         txn: &OwnedTransactionId,
     ) -> Result<(), BridgeError> {
-        let mut content = RoomMessageEventContent::notice_html(reply.plain.clone(), reply.html.clone());
-        if let Some(id) = reply_to {
-            content.relates_to =
-                Some(Relation::Reply(ruma::events::relation::Reply::new(InReplyTo::new(id.to_owned()))));
+        match self.send_content(room, notice(reply, reply_to), txn).await {
+            Err(e) if e.is_too_large() => {
+                let Some(short) = reply.shortened(SHORTENED_REPLY_BYTES) else { return Err(e) };
+                tracing::info!(room_id = %room, bytes = reply.plain.len(), "the homeserver refused a reply as too large; sending it shortened");
+                self.send_content(room, notice(&short, reply_to), txn).await
+            }
+            sent => sent,
         }
+    }
+
+    async fn send_content(
+        &self,
+        room: &RoomId,
+        content: RoomMessageEventContent,
+        txn: &OwnedTransactionId,
+    ) -> Result<(), BridgeError> {
         let info = self.rooms.get(room).unwrap_or_default();
         if info.encrypted {
             let Some(crypto) = self.crypto.get() else {
@@ -811,6 +874,14 @@ impl Outbox {
         self.matrix.send(request).await?;
         Ok(())
     }
+}
+
+/// The content of a notice, in reply to `reply_to` when given.
+fn notice(reply: &Reply, reply_to: Option<&EventId>) -> RoomMessageEventContent {
+    let mut content = RoomMessageEventContent::notice_html(reply.plain.clone(), reply.html.clone());
+    content.relates_to =
+        reply_to.map(|id| Relation::Reply(ruma::events::relation::Reply::new(InReplyTo::new(id.to_owned()))));
+    content
 }
 
 /// A transaction id derived from an event id, so a repeated send is dropped by the homeserver.
@@ -964,6 +1035,28 @@ mod tests {
     fn status_names_state_counts_and_workload() {
         let line = status_line(&target(), &status(State::Running, 2, 2, None));
         assert_eq!(line, "clawdbot is running: 2/2 ready (available 2, updated 2; Deployment clawdbot/clawdbot)");
+    }
+
+    #[test]
+    fn a_long_reply_is_shortened_at_a_character_boundary_and_says_how_much_was_left_out() {
+        let reply = Reply::text("é".repeat(10));
+        let short = reply.shortened(5).unwrap();
+        assert_eq!(short.plain, "éé… (8 more characters left out: the message was too large)");
+        assert!(reply.shortened(20).is_none(), "20 bytes are already short enough");
+    }
+
+    #[test]
+    fn a_command_is_too_old_only_past_the_maximum_age_measured_when_it_runs() {
+        use crate::clock::{Clock, ManualClock};
+        let max = Duration::from_secs(300);
+        let clock = ManualClock::at(1_000_000);
+        let sent = clock.now_ms();
+        assert_eq!(too_old(clock.now_ms(), sent, max), None);
+        clock.advance_ms(300_000);
+        assert_eq!(too_old(clock.now_ms(), sent, max), None, "exactly the maximum age still runs");
+        clock.advance_ms(1);
+        assert_eq!(too_old(clock.now_ms(), sent, max), Some(Duration::from_millis(300_001)));
+        assert_eq!(too_old(0, 5_000, max), None, "a timestamp from the future is not old");
     }
 
     #[test]

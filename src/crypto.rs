@@ -692,6 +692,10 @@ impl CryptoCell {
 }
 
 impl crate::appservice::TransactionSink for CryptoCell {
+    fn is_ready(&self) -> bool {
+        self.get().is_some()
+    }
+
     fn ingest<'a>(
         &'a self,
         txn: &'a Transaction,

@@ -6,6 +6,7 @@
 pub mod appservice;
 pub mod bridge;
 pub mod check;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod crypto;

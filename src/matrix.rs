@@ -55,6 +55,11 @@ impl MatrixError {
         }
     }
 
+    /// Whether the homeserver refused the request as too large (413 or `M_TOO_LARGE`).
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, MatrixError::Api { status: 413, .. }) || self.errcode() == Some("M_TOO_LARGE")
+    }
+
     /// Whether trying again later may succeed (transport errors, 429, 5xx).
     pub fn is_transient(&self) -> bool {
         match self {

@@ -2,7 +2,7 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -32,6 +32,8 @@ pub struct Metrics {
     registry: Registry,
     /// Transactions received, by result.
     pub transactions: Family<ResultLabel, Counter>,
+    /// Transactions whose id was known but whose body was new (processed as new).
+    pub transactions_id_reused: Counter,
     /// Events received, by event type.
     pub events: Family<TypeLabel, Counter>,
     /// Errors, by kind.
@@ -46,6 +48,10 @@ pub struct Metrics {
     pub transaction_to_reply_seconds: Histogram,
     /// Crypto events (decryption failures, retries, recoveries, OTK uploads, key shares), by kind.
     pub crypto: Family<KindLabel, Counter>,
+    /// Jobs waiting in the queue (set when metrics are read).
+    pub queue_depth: Gauge,
+    /// How long the oldest waiting job has waited, in seconds (set when metrics are read).
+    pub queue_oldest_job_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -63,18 +69,32 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("matrix_k8s_toggle");
         let transactions = Family::<ResultLabel, Counter>::default();
+        let transactions_id_reused = Counter::default();
         let events = Family::<TypeLabel, Counter>::default();
         let errors = Family::<KindLabel, Counter>::default();
         let commands = Family::<KindLabel, Counter>::default();
         let crypto = Family::<KindLabel, Counter>::default();
+        let queue_depth = Gauge::default();
+        let queue_oldest_job_age_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let transaction_seconds = Histogram::new(latency_buckets());
         let transaction_to_patch_seconds = Histogram::new(latency_buckets());
         let transaction_to_reply_seconds = Histogram::new(latency_buckets());
         registry.register("transactions", "Transactions pushed by the homeserver", transactions.clone());
+        registry.register(
+            "transactions_id_reused",
+            "Transactions with a known id and new content, processed as new (Synapse on SQLite after a restart)",
+            transactions_id_reused.clone(),
+        );
         registry.register("events", "Events received, by type", events.clone());
         registry.register("errors", "Errors, by kind", errors.clone());
         registry.register("commands", "Commands handled, by command", commands.clone());
         registry.register("crypto", "End-to-end encryption events, by kind", crypto.clone());
+        registry.register("queue_depth", "Jobs waiting in the work queue", queue_depth.clone());
+        registry.register(
+            "queue_oldest_job_age_seconds",
+            "How long the oldest waiting job has waited",
+            queue_oldest_job_age_seconds.clone(),
+        );
         registry.register("transaction_handling_seconds", "Time to answer a transaction", transaction_seconds.clone());
         registry.register(
             "transaction_to_patch_seconds",
@@ -89,6 +109,7 @@ impl Metrics {
         Self {
             registry,
             transactions,
+            transactions_id_reused,
             events,
             errors,
             transaction_seconds,
@@ -96,6 +117,8 @@ impl Metrics {
             transaction_to_patch_seconds,
             transaction_to_reply_seconds,
             crypto,
+            queue_depth,
+            queue_oldest_job_age_seconds,
         }
     }
 

@@ -38,6 +38,29 @@ pub struct Job {
     pub attempts: i64,
     /// When its transaction arrived (ms since the Unix epoch).
     pub received_ms: i64,
+    /// The room of the event; jobs of one room are handled in order, rooms independently.
+    pub room_id: String,
+}
+
+/// What a transaction id that comes again means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransactionSeen {
+    /// Never seen (or forgotten): process it.
+    New,
+    /// The same id with the same body: a retry, already processed.
+    Retry,
+    /// The same id with another body: Synapse on SQLite starts its ids again after a restart.
+    /// Process it as new.
+    Reused,
+}
+
+/// The queue at a glance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs waiting.
+    pub depth: usize,
+    /// When the oldest waiting job arrived (ms since the Unix epoch).
+    pub oldest_received_ms: Option<i64>,
 }
 
 /// How far a command has come; persisted so a crash neither repeats nor loses it.
@@ -84,6 +107,10 @@ pub struct Rollout {
 /// Most encrypted events kept waiting for their keys; the oldest are dropped beyond it.
 pub const MAX_PARKED: i64 = 1000;
 
+/// Most encrypted events of one sender kept waiting for their keys, so one sender cannot push
+/// out the others' waiting commands.
+pub const MAX_PARKED_PER_SENDER: i64 = 20;
+
 /// Now, in the store's time unit: milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -116,7 +143,8 @@ impl std::fmt::Debug for Store {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS transactions (
     txn_id TEXT PRIMARY KEY,
-    received_at INTEGER NOT NULL
+    received_at INTEGER NOT NULL,
+    body_hash TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -124,7 +152,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     event TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    received_ms INTEGER NOT NULL DEFAULT 0
+    received_ms INTEGER NOT NULL DEFAULT 0,
+    room_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(done, seq);
 CREATE TABLE IF NOT EXISTS progress (
@@ -167,6 +196,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -174,36 +204,46 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether the transaction `txn_id` was already processed.
-    pub fn transaction_seen(&self, txn_id: &str) -> Result<bool, StoreError> {
-        Ok(self
+    /// Whether the transaction `txn_id` was already processed with this body (`body_hash`).
+    /// An id recorded by an older version, without a hash, counts as reused: processing a
+    /// retry again is harmless, since events are queued once by event id.
+    pub fn transaction_seen(&self, txn_id: &str, body_hash: &str) -> Result<TransactionSeen, StoreError> {
+        let row: Option<Option<String>> = self
             .conn()
-            .query_row("SELECT 1 FROM transactions WHERE txn_id = ?1", [txn_id], |_| Ok(()))
-            .optional()?
-            .is_some())
+            .prepare_cached("SELECT body_hash FROM transactions WHERE txn_id = ?1")?
+            .query_row([txn_id], |r| r.get(0))
+            .optional()?;
+        Ok(match row {
+            None => TransactionSeen::New,
+            Some(Some(hash)) if hash == body_hash => TransactionSeen::Retry,
+            Some(_) => TransactionSeen::Reused,
+        })
     }
 
-    /// Records a transaction and queues its events (event id, JSON) in one atomic step.
-    /// Events already queued are skipped. Returns how many were new.
+    /// Records a transaction (its id and body hash) and queues its events (event id, room
+    /// id, JSON) in one atomic step. Events already queued are skipped. Returns how many were new.
     pub fn record_transaction(
         &self,
         txn_id: &str,
-        events: &[(String, String)],
+        body_hash: &str,
+        events: &[QueuedEvent],
         now_ms: i64,
     ) -> Result<usize, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let mut added = 0;
         {
-            let mut insert =
-                tx.prepare_cached("INSERT OR IGNORE INTO jobs (event_id, event, received_ms) VALUES (?1, ?2, ?3)")?;
-            for (event_id, event) in events {
-                added += insert.execute(params![event_id, event, now_ms])?;
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO jobs (event_id, room_id, event, received_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for e in events {
+                added += insert.execute(params![e.event_id, e.room_id, e.json, now_ms])?;
             }
         }
         tx.execute(
-            "INSERT OR IGNORE INTO transactions (txn_id, received_at) VALUES (?1, ?2)",
-            params![txn_id, now_ms],
+            "INSERT INTO transactions (txn_id, received_at, body_hash) VALUES (?1, ?2, ?3)
+             ON CONFLICT(txn_id) DO UPDATE SET received_at = excluded.received_at, body_hash = excluded.body_hash",
+            params![txn_id, now_ms, body_hash],
         )?;
         tx.commit()?;
         Ok(added)
@@ -211,20 +251,38 @@ impl Store {
 
     /// The oldest unhandled jobs, in order.
     pub fn pending_jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.pending_jobs_except(limit, &[])
+    }
+
+    /// The oldest unhandled jobs, in order, leaving out the rooms in `held` (rooms whose
+    /// first job must wait).
+    pub fn pending_jobs_except(&self, limit: usize, held: &[&str]) -> Result<Vec<Job>, StoreError> {
+        let held = serde_json::to_string(held).expect("a list of strings serializes");
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, event_id, event, attempts, received_ms FROM jobs WHERE done = 0 ORDER BY seq LIMIT ?1",
+            "SELECT seq, event_id, event, attempts, received_ms, room_id FROM jobs
+             WHERE done = 0 AND room_id NOT IN (SELECT value FROM json_each(?2)) ORDER BY seq LIMIT ?1",
         )?;
-        let rows = stmt.query_map([limit as i64], |r| {
+        let rows = stmt.query_map(params![limit as i64, held], |r| {
             Ok(Job {
                 seq: r.get(0)?,
                 event_id: r.get(1)?,
                 event: r.get(2)?,
                 attempts: r.get(3)?,
                 received_ms: r.get(4)?,
+                room_id: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// How many jobs wait, and since when the oldest.
+    pub fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (depth, oldest): (i64, Option<i64>) = self
+            .conn()
+            .prepare_cached("SELECT COUNT(*), MIN(received_ms) FROM jobs WHERE done = 0")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(QueueStats { depth: depth as usize, oldest_received_ms: oldest })
     }
 
     /// Marks a job handled.
@@ -323,13 +381,19 @@ impl Store {
         Ok(())
     }
 
-    /// Parks an encrypted event until the room key of `session_id` arrives.
+    /// Parks an encrypted event until the room key of `session_id` arrives. Beyond
+    /// [`MAX_PARKED_PER_SENDER`] for its sender, or [`MAX_PARKED`] in all, the oldest go.
     pub fn park_undecrypted(&self, parked: &Parked, session_id: &str, event: &str) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute(
             "INSERT OR REPLACE INTO undecrypted (event_id, session_id, room_id, sender, event, parked_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![parked.event_id, session_id, parked.room_id, parked.sender, event, parked.parked_ms],
+        )?;
+        conn.execute(
+            "DELETE FROM undecrypted WHERE event_id IN
+             (SELECT event_id FROM undecrypted WHERE sender = ?1 ORDER BY parked_ms DESC LIMIT -1 OFFSET ?2)",
+            params![parked.sender, MAX_PARKED_PER_SENDER],
         )?;
         conn.execute(
             "DELETE FROM undecrypted WHERE event_id IN
@@ -395,6 +459,36 @@ impl Store {
     }
 }
 
+/// One room event to queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedEvent {
+    /// The event id (dedupe key).
+    pub event_id: String,
+    /// The room it belongs to.
+    pub room_id: String,
+    /// The event as JSON, as the homeserver sent it.
+    pub json: String,
+}
+
+/// Brings a database written by an older version up to the current schema.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_column = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(names.iter().any(|n| n == column))
+    };
+    if !has_column("transactions", "body_hash")? {
+        conn.execute_batch("ALTER TABLE transactions ADD COLUMN body_hash TEXT")?;
+    }
+    if !has_column("jobs", "room_id")? {
+        conn.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN room_id TEXT NOT NULL DEFAULT '';
+             UPDATE jobs SET room_id = COALESCE(json_extract(event, '$.room_id'), '') WHERE done = 0 AND json_valid(event);",
+        )?;
+    }
+    Ok(())
+}
+
 fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
     Ok(Rollout { event_id: r.get(0)?, room_id: r.get(1)?, target: r.get(2)?, up: r.get(3)?, started_ms: r.get(4)? })
 }
@@ -403,8 +497,12 @@ fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
 mod tests {
     use super::*;
 
-    fn ev(id: &str) -> (String, String) {
-        (id.to_owned(), format!("{{\"event_id\":\"{id}\"}}"))
+    fn ev(id: &str) -> QueuedEvent {
+        in_room(id, "!r:x")
+    }
+
+    fn in_room(id: &str, room: &str) -> QueuedEvent {
+        QueuedEvent { event_id: id.to_owned(), room_id: room.to_owned(), json: format!("{{\"event_id\":\"{id}\"}}") }
     }
 
     #[test]
@@ -412,20 +510,69 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            assert!(!s.transaction_seen("t1").unwrap());
-            s.record_transaction("t1", &[ev("$a")], 0).unwrap();
+            assert_eq!(s.transaction_seen("t1", "h-t1").unwrap(), TransactionSeen::New);
+            s.record_transaction("t1", "h-t1", &[ev("$a")], 0).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert!(s.transaction_seen("t1").unwrap());
+        assert_eq!(s.transaction_seen("t1", "h-t1").unwrap(), TransactionSeen::Retry);
         assert_eq!(s.pending_jobs(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_known_transaction_id_with_another_body_is_reused_and_then_remembered_with_the_new_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.record_transaction("1", "first", &[ev("$a")], 0).unwrap();
+        assert_eq!(s.transaction_seen("1", "second").unwrap(), TransactionSeen::Reused);
+        s.record_transaction("1", "second", &[ev("$b")], 0).unwrap();
+        assert_eq!(s.transaction_seen("1", "second").unwrap(), TransactionSeen::Retry);
+        assert_eq!(s.transaction_seen("1", "first").unwrap(), TransactionSeen::Reused);
+        assert_eq!(s.pending_jobs(10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_state_database_of_the_previous_version_is_migrated_and_its_transaction_ids_count_as_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("state.sqlite3")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE transactions (txn_id TEXT PRIMARY KEY, received_at INTEGER NOT NULL);
+                 CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,
+                     event TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+                     received_ms INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO transactions VALUES ('7', 1);
+                 INSERT INTO jobs (event_id, event) VALUES ('$old', '{\"event_id\":\"$old\",\"room_id\":\"!old:x\"}');",
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.transaction_seen("7", "anything").unwrap(), TransactionSeen::Reused);
+        let jobs = s.pending_jobs(10).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].room_id, "!old:x");
+    }
+
+    #[test]
+    fn held_rooms_are_left_out_of_the_pending_jobs_and_the_queue_stats_count_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.record_transaction("t", "h", &[in_room("$a1", "!a:x"), in_room("$b1", "!b:x"), in_room("$a2", "!a:x")], 10)
+            .unwrap();
+        let ids = |held: &[&str]| -> Vec<String> {
+            s.pending_jobs_except(10, held).unwrap().into_iter().map(|j| j.event_id).collect()
+        };
+        assert_eq!(ids(&[]), ["$a1", "$b1", "$a2"]);
+        assert_eq!(ids(&["!a:x"]), ["$b1"]);
+        assert_eq!(ids(&["!a:x", "!b:x"]), Vec::<String>::new());
+        assert_eq!(s.queue_stats().unwrap(), QueueStats { depth: 3, oldest_received_ms: Some(10) });
     }
 
     #[test]
     fn an_event_in_two_transactions_is_queued_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.record_transaction("t1", &[ev("$a"), ev("$b")], 0).unwrap(), 2);
-        assert_eq!(s.record_transaction("t2", &[ev("$b"), ev("$c")], 0).unwrap(), 1);
+        assert_eq!(s.record_transaction("t1", "h-t1", &[ev("$a"), ev("$b")], 0).unwrap(), 2);
+        assert_eq!(s.record_transaction("t2", "h-t2", &[ev("$b"), ev("$c")], 0).unwrap(), 1);
         let ids: Vec<_> = s.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
         assert_eq!(ids, ["$a", "$b", "$c"]);
     }
@@ -434,11 +581,11 @@ mod tests {
     fn completed_jobs_leave_the_queue_and_are_not_queued_again() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.record_transaction("t1", &[ev("$a")], 0).unwrap();
+        s.record_transaction("t1", "h-t1", &[ev("$a")], 0).unwrap();
         let job = s.pending_jobs(10).unwrap().remove(0);
         s.complete_job(job.seq).unwrap();
         assert!(s.pending_jobs(10).unwrap().is_empty());
-        assert_eq!(s.record_transaction("t2", &[ev("$a")], 0).unwrap(), 0);
+        assert_eq!(s.record_transaction("t2", "h-t2", &[ev("$a")], 0).unwrap(), 0);
         assert!(s.pending_jobs(10).unwrap().is_empty());
     }
 
@@ -457,7 +604,7 @@ mod tests {
     fn a_parked_event_returns_to_the_queue_when_its_key_arrives() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.record_transaction("t1", &[ev("$a")], 0).unwrap();
+        s.record_transaction("t1", "h-t1", &[ev("$a")], 0).unwrap();
         let job = s.pending_jobs(10).unwrap().remove(0);
         let parked = Parked { event_id: "$a".into(), room_id: "!r".into(), sender: "@u:x".into(), parked_ms: 5 };
         s.park_undecrypted(&parked, "sess", &job.event).unwrap();
@@ -469,6 +616,25 @@ mod tests {
         assert_eq!(again[0].event, job.event);
         assert_eq!(again[0].attempts, 1);
         assert_eq!(s.requeue_undecrypted("sess").unwrap(), 0);
+    }
+
+    #[test]
+    fn one_sender_parking_many_events_pushes_out_only_their_own_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let park = |id: &str, sender: &str, at: i64| {
+            let p = Parked { event_id: id.into(), room_id: "!r".into(), sender: sender.into(), parked_ms: at };
+            s.park_undecrypted(&p, "sess", "{}").unwrap();
+        };
+        park("$alice", "@alice:x", 0);
+        for i in 0..MAX_PARKED_PER_SENDER + 5 {
+            park(&format!("$flood{i}"), "@flood:x", 1 + i);
+        }
+        let kept = s.take_expired_undecrypted(i64::MAX).unwrap();
+        assert!(kept.iter().any(|p| p.event_id == "$alice"), "alice's event was pushed out");
+        let flood = kept.iter().filter(|p| p.sender == "@flood:x").count();
+        assert_eq!(flood as i64, MAX_PARKED_PER_SENDER);
+        assert!(!kept.iter().any(|p| p.event_id == "$flood0"), "the flood's oldest should go first");
     }
 
     #[test]
@@ -488,8 +654,8 @@ mod tests {
     fn pruning_forgets_old_handled_work_and_keeps_pending_and_recent_work() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.record_transaction("old", &[ev("$done"), ev("$pending")], 1_000).unwrap();
-        store.record_transaction("new", &[ev("$recent")], 5_000).unwrap();
+        store.record_transaction("old", "h-old", &[ev("$done"), ev("$pending")], 1_000).unwrap();
+        store.record_transaction("new", "h-new", &[ev("$recent")], 5_000).unwrap();
         let jobs = store.pending_jobs(10).unwrap();
         for job in jobs.iter().filter(|j| j.event_id != "$pending") {
             store.complete_job(job.seq).unwrap();
@@ -500,8 +666,8 @@ mod tests {
         let pruned = store.prune(2_000).unwrap();
 
         assert_eq!(pruned, Pruned { transactions: 1, jobs: 1 });
-        assert!(!store.transaction_seen("old").unwrap());
-        assert!(store.transaction_seen("new").unwrap());
+        assert_eq!(store.transaction_seen("old", "h-old").unwrap(), TransactionSeen::New);
+        assert_eq!(store.transaction_seen("new", "h-new").unwrap(), TransactionSeen::Retry);
         assert_eq!(store.progress("$done").unwrap(), None);
         assert_eq!(store.progress("$recent").unwrap(), Some(Progress::Replied));
         let pending: Vec<_> = store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();

@@ -1,7 +1,12 @@
 //! The worker: takes queued events from the store in order and hands each to the bridge.
 //! A job is completed only when handled, so a crash resumes where it stopped.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::{Notify, watch};
 
@@ -22,18 +27,23 @@ pub trait JobHandler: Send + Sync + 'static {
     fn handle(&self, job: &Job) -> impl Future<Output = Outcome> + Send;
 }
 
-/// Runs until `shutdown` turns true, finishing the job in hand first.
+/// Runs until `shutdown` turns true, finishing the job in hand first. Jobs of one room are
+/// handled in order; a job that must wait holds back its own room only, never the others.
 pub async fn run<H: JobHandler>(
     store: Arc<Store>,
     handler: Arc<H>,
     work: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut held: HashMap<String, Instant> = HashMap::new();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let jobs = match store.pending_jobs(64) {
+        let now = Instant::now();
+        held.retain(|_, until| *until > now);
+        let held_rooms: Vec<&str> = held.keys().map(String::as_str).collect();
+        let jobs = match store.pending_jobs_except(BATCH, &held_rooms) {
             Ok(jobs) => jobs,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the work queue");
@@ -42,13 +52,19 @@ pub async fn run<H: JobHandler>(
             }
         };
         if jobs.is_empty() {
+            let next_release = held.values().min().copied();
             tokio::select! {
                 _ = work.notified() => {}
                 _ = shutdown.changed() => {}
+                _ = sleep_until(next_release) => {}
             }
             continue;
         }
         for job in jobs {
+            // NB: a room held earlier in this batch keeps its later jobs back too (order per room).
+            if held.contains_key(&job.room_id) {
+                continue;
+            }
             match handler.handle(&job).await {
                 Outcome::Done => {
                     if let Err(e) = store.complete_job(job.seq) {
@@ -57,8 +73,8 @@ pub async fn run<H: JobHandler>(
                 }
                 Outcome::RetryAfter(delay) => {
                     let _ = store.postpone_job(job.seq);
-                    sleep_or_shutdown(delay, &mut shutdown).await;
-                    break;
+                    tracing::debug!(room_id = %job.room_id, delay_ms = delay.as_millis() as u64, "holding back a room");
+                    held.insert(job.room_id.clone(), Instant::now() + delay);
                 }
             }
             if *shutdown.borrow() {
@@ -67,6 +83,16 @@ pub async fn run<H: JobHandler>(
         }
     }
     tracing::debug!("worker stopped");
+}
+
+/// How many jobs are read from the queue at once.
+const BATCH: usize = 64;
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>) {
@@ -81,14 +107,27 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::store::QueuedEvent;
 
+    /// Records what it handles; postpones the jobs of `stuck_room`, or only the first
+    /// attempt of `$b`.
     struct Recorder {
         seen: Mutex<Vec<String>>,
         fail_first: Mutex<bool>,
+        stuck_room: Option<&'static str>,
+    }
+
+    impl Recorder {
+        fn new(stuck_room: Option<&'static str>) -> Arc<Self> {
+            Arc::new(Recorder { seen: Mutex::new(vec![]), fail_first: Mutex::new(stuck_room.is_none()), stuck_room })
+        }
     }
 
     impl JobHandler for Recorder {
         async fn handle(&self, job: &Job) -> Outcome {
+            if self.stuck_room == Some(job.room_id.as_str()) {
+                return Outcome::RetryAfter(Duration::from_secs(3600));
+            }
             let mut fail = self.fail_first.lock().unwrap();
             if *fail && job.event_id == "$b" {
                 *fail = false;
@@ -99,25 +138,45 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn jobs_are_handled_in_order_and_a_postponed_job_holds_back_the_later_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let ev = |id: &str| (id.to_owned(), "{}".to_owned());
-        store.record_transaction("t", &[ev("$a"), ev("$b"), ev("$c")], 0).unwrap();
-        let handler = Arc::new(Recorder { seen: Mutex::new(vec![]), fail_first: Mutex::new(true) });
+    fn ev(id: &str, room: &str) -> QueuedEvent {
+        QueuedEvent { event_id: id.to_owned(), room_id: room.to_owned(), json: "{}".to_owned() }
+    }
+
+    async fn run_until(store: &Arc<Store>, handler: &Arc<Recorder>, done: impl Fn(&[String]) -> bool) {
         let (tx, rx) = watch::channel(false);
-        let work = Arc::new(Notify::new());
-        let task = tokio::spawn(run(store.clone(), handler.clone(), work, rx));
-        for _ in 0..200 {
-            if store.pending_jobs(10).unwrap().is_empty() {
+        let task = tokio::spawn(run(store.clone(), handler.clone(), Arc::new(Notify::new()), rx));
+        for _ in 0..400 {
+            if done(&handler.seen.lock().unwrap()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tx.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn jobs_are_handled_in_order_and_a_postponed_job_holds_back_the_later_ones_of_its_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        store.record_transaction("t", "h", &[ev("$a", "!r"), ev("$b", "!r"), ev("$c", "!r")], 0).unwrap();
+        let handler = Recorder::new(None);
+        run_until(&store, &handler, |seen| seen.len() == 3).await;
         assert_eq!(*handler.seen.lock().unwrap(), ["$a", "$b", "$c"]);
         assert!(store.pending_jobs(10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_room_whose_job_must_wait_does_not_hold_up_the_other_rooms() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let events =
+            [ev("$stuck1", "!stuck"), ev("$plain1", "!plain"), ev("$stuck2", "!stuck"), ev("$plain2", "!plain")];
+        store.record_transaction("t", "h", &events, 0).unwrap();
+        let handler = Recorder::new(Some("!stuck"));
+        run_until(&store, &handler, |seen| seen.len() == 2).await;
+        assert_eq!(*handler.seen.lock().unwrap(), ["$plain1", "$plain2"]);
+        let waiting: Vec<String> = store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+        assert_eq!(waiting, ["$stuck1", "$stuck2"], "the held room keeps its order and its jobs");
     }
 }

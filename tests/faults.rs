@@ -173,7 +173,7 @@ async fn commands_queued_while_we_were_down_are_handled_in_order_and_old_ones_ar
 
     let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
     assert_eq!(replies[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], old.as_str(), "{replies:?}");
-    assert!(body(&replies[0]).starts_with("ignored: sent "), "{replies:?}");
+    assert!(body(&replies[0]).starts_with("not run: sent "), "{replies:?}");
     assert!(body(&replies[0]).contains("s ago (commands older than 3 s are not run)"), "{replies:?}");
     assert_eq!(replies[1]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], fresh.as_str(), "{replies:?}");
     assert!(body(&replies[1]).starts_with("clawdbot is off"), "{replies:?}");

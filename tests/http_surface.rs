@@ -1,6 +1,14 @@
 //! The HTTP surface without a socket: routes, auth, errors and limits (`app().oneshot`).
 
-use std::sync::{Arc, atomic::AtomicBool};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     body::Body,
@@ -8,7 +16,8 @@ use axum::{
 };
 use http_body_util::BodyExt;
 use matrix_k8s_toggle::{
-    appservice::{AppState, MAX_BODY_BYTES, NoSink, app},
+    appservice::{AppState, MAX_BODY_BYTES, NoSink, ReadinessBounds, Transaction, TransactionSink, app},
+    clock::ManualClock,
     metrics::Metrics,
     secret::Secret,
     store::Store,
@@ -26,17 +35,53 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(Arc::new(NoSink), false, |s| s)
+}
+
+fn fixture_with(
+    sink: Arc<dyn TransactionSink>,
+    homeserver_reachable: bool,
+    configure: impl FnOnce(AppState) -> AppState,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let state = AppState::new(
         Secret::new(TOKEN),
         store.clone(),
         Arc::new(Metrics::new()),
-        Arc::new(NoSink),
+        sink,
         Arc::new(Notify::new()),
-        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(homeserver_reachable)),
     );
-    Fixture { _dir: dir, state, store }
+    Fixture { _dir: dir, state: configure(state), store }
+}
+
+/// A sink that counts the transactions it takes in and says whether encryption is up.
+#[derive(Default)]
+struct CountingSink {
+    ingested: AtomicUsize,
+    ready: AtomicBool,
+}
+
+impl TransactionSink for CountingSink {
+    fn ingest<'a>(&'a self, _: &'a Transaction) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        self.ingested.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async {})
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+async fn get_text(f: &Fixture, uri: &str) -> (StatusCode, String) {
+    let resp = app(f.state.clone()).oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
+    let status = resp.status();
+    (status, String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap())
+}
+
+fn message(id: &str) -> Value {
+    serde_json::json!({"type":"m.room.message","event_id":id,"room_id":"!r:x","sender":"@a:x","origin_server_ts":1,"content":{}})
 }
 
 async fn call(f: &Fixture, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, Value) {
@@ -151,4 +196,73 @@ async fn metrics_need_no_token_and_count_transactions() {
     assert_eq!(resp.status(), StatusCode::OK);
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains("matrix_k8s_toggle_transactions_total{result=\"ok\"} 1"), "{text}");
+}
+
+#[tokio::test]
+async fn the_same_transaction_id_and_body_again_is_a_retry_but_another_body_is_processed_as_new() {
+    let sink = Arc::new(CountingSink::default());
+    let f = fixture_with(sink.clone(), true, |s| s);
+    let first = serde_json::json!({ "events": [message("$before-restart")] }).to_string();
+    let after = serde_json::json!({ "events": [message("$after-restart")] }).to_string();
+
+    assert_eq!(call(&f, "PUT", "/_matrix/app/v1/transactions/1", first.clone()).await.0, StatusCode::OK);
+    assert_eq!(call(&f, "PUT", "/_matrix/app/v1/transactions/1", first).await.0, StatusCode::OK);
+    assert_eq!(sink.ingested.load(Ordering::SeqCst), 1, "a retry is not taken in again");
+
+    assert_eq!(call(&f, "PUT", "/_matrix/app/v1/transactions/1", after).await.0, StatusCode::OK);
+    assert_eq!(sink.ingested.load(Ordering::SeqCst), 2, "a reused id with new content is taken in");
+    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+    assert_eq!(ids, ["$before-restart", "$after-restart"]);
+    let (_, metrics) = get_text(&f, "/metrics").await;
+    assert!(metrics.contains("matrix_k8s_toggle_transactions_id_reused_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn readiness_waits_for_encryption_through_the_grace_and_then_fails() {
+    let sink = Arc::new(CountingSink::default());
+    let clock = ManualClock::at(1_000_000);
+    let bounds = ReadinessBounds { encryption_grace: Duration::from_secs(60), max_job_age: Duration::from_secs(300) };
+    let f = fixture_with(sink.clone(), true, |s| s.with_clock(clock.clone()).with_readiness(bounds));
+
+    let (status, text) = get_text(&f, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.contains("encryption: starting"), "{text}");
+
+    clock.advance_ms(60_001);
+    let (status, text) = get_text(&f, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("encryption: not set up"), "{text}");
+
+    sink.ready.store(true, Ordering::SeqCst);
+    let (status, text) = get_text(&f, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, _) = get_text(&f, "/healthz").await;
+    assert_eq!(status, StatusCode::OK, "liveness does not depend on encryption");
+}
+
+#[tokio::test]
+async fn readiness_fails_and_metrics_show_it_while_the_oldest_job_waits_too_long() {
+    let sink = Arc::new(CountingSink { ready: AtomicBool::new(true), ..Default::default() });
+    let clock = ManualClock::at(1_000_000);
+    let bounds = ReadinessBounds { encryption_grace: Duration::from_secs(60), max_job_age: Duration::from_secs(300) };
+    let f = fixture_with(sink, true, |s| s.with_clock(clock.clone()).with_readiness(bounds));
+    let body = serde_json::json!({ "events": [message("$1"), message("$2")] }).to_string();
+    call(&f, "PUT", "/_matrix/app/v1/transactions/q", body).await;
+
+    let (status, text) = get_text(&f, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+
+    clock.advance_ms(300_001);
+    let (status, text) = get_text(&f, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("queue: stuck: 2 waiting, the oldest for 300 s"), "{text}");
+    let (_, metrics) = get_text(&f, "/metrics").await;
+    assert!(metrics.contains("matrix_k8s_toggle_queue_depth 2"), "{metrics}");
+    assert!(metrics.contains("matrix_k8s_toggle_queue_oldest_job_age_seconds 300.001"), "{metrics}");
+
+    for job in f.store.pending_jobs(10).unwrap() {
+        f.store.complete_job(job.seq).unwrap();
+    }
+    let (status, text) = get_text(&f, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "an empty queue is ready again: {text}");
 }
