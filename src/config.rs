@@ -141,7 +141,7 @@ pub struct Config {
     pub echo_mode: bool,
     /// Display name of the bot.
     pub display_name: String,
-    /// Commands older than this when they arrive are reported, not run.
+    /// Commands older than this when they are about to run are reported, not run.
     pub command_max_age: Duration,
     /// How long to watch a workload after start/stop before reporting.
     pub rollout_timeout: Duration,

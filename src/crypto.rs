@@ -52,7 +52,17 @@ pub enum CryptoError {
     /// The crypto store failed.
     #[error("crypto store: {0}")]
     Store(#[from] matrix_sdk_crypto::CryptoStoreError),
-    /// The crypto store could not be opened.
+    /// The crypto store could not be unlocked; it was left as it is.
+    #[error(
+        "cannot unlock the crypto store at {path}: {reason}. The store was left as it is: set CRYPTO_STORE_PASSPHRASE to the passphrase it was made with (or restore STATE_DIR/crypto-store.key), or, to start over with a new device and lose its room keys, move {path} away"
+    )]
+    Locked {
+        /// The store directory.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The crypto store could not be set up.
     #[error("crypto store at {path}: {message}")]
     Open {
         /// The store directory.
@@ -140,38 +150,45 @@ fn decryption_settings() -> DecryptionSettings {
 }
 
 /// How the crypto store is unlocked.
+#[derive(Clone)]
 enum StoreKey {
     Passphrase(String),
     Key(Box<[u8; 32]>),
 }
 
-fn store_key(config: &Config) -> Result<StoreKey, CryptoError> {
+/// The file of the crypto store's database inside its directory.
+const CRYPTO_DATABASE: &str = "matrix-sdk-crypto.sqlite3";
+
+/// The key to the crypto store: `CRYPTO_STORE_PASSPHRASE`, or the key file in STATE_DIR,
+/// generated only when there is no store yet to unlock.
+fn store_key(config: &Config, store_exists: bool, dir: &Path) -> Result<StoreKey, CryptoError> {
     if let Some(p) = &config.crypto_store_passphrase {
         return Ok(StoreKey::Passphrase(p.expose().to_owned()));
     }
     let path = config.state_dir.join("crypto-store.key");
-    let file_err = |source| CryptoError::File { path: path.display().to_string(), source };
+    let locked = |reason: String| CryptoError::Locked { path: dir.display().to_string(), reason };
     match std::fs::read(&path) {
         Ok(bytes) if bytes.len() == 32 => {
             let mut key = [0u8; 32];
             key.copy_from_slice(&bytes);
             Ok(StoreKey::Key(Box::new(key)))
         }
-        Ok(_) => Err(CryptoError::Open {
-            path: path.display().to_string(),
-            message: "the key file must hold exactly 32 bytes".into(),
-        }),
+        Ok(bytes) => Err(locked(format!("the key file {} holds {} bytes, not 32", path.display(), bytes.len()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && store_exists => {
+            Err(locked(format!("CRYPTO_STORE_PASSPHRASE is not set and the key file {} is missing", path.display())))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut key = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut key);
-            write_private(&path, &key).map_err(file_err)?;
+            write_private(&path, &key)
+                .map_err(|source| CryptoError::File { path: path.display().to_string(), source })?;
             tracing::warn!(
                 path = %path.display(),
                 "no CRYPTO_STORE_PASSPHRASE given: generated a random key for the crypto store next to it; back up STATE_DIR as a whole, or set CRYPTO_STORE_PASSPHRASE"
             );
             Ok(StoreKey::Key(Box::new(key)))
         }
-        Err(e) => Err(file_err(e)),
+        Err(e) => Err(locked(format!("the key file {} cannot be read: {e}", path.display()))),
     }
 }
 
@@ -184,15 +201,60 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     options.open(path)?.write_all(bytes)
 }
 
-/// Opens the store and reads its account; `Ok(None)` is an empty (new) store.
-async fn open_store(dir: &Path, key: &StoreKey) -> Result<(SqliteCryptoStore, bool), String> {
-    let store = match key {
-        StoreKey::Passphrase(p) => SqliteCryptoStore::open(dir, Some(p)).await,
-        StoreKey::Key(k) => SqliteCryptoStore::open_with_key(dir, Some(k)).await,
+/// The crypto store, unlocked. It is opened before the service serves, so a wrong passphrase
+/// or an unreadable key file stops start-up and leaves the store as it is.
+#[derive(Clone)]
+pub struct UnlockedStore {
+    dir: PathBuf,
+    key: StoreKey,
+    store: SqliteCryptoStore,
+    /// The device of the store's own account; `None` for a new, empty store.
+    device: Option<OwnedDeviceId>,
+}
+
+impl std::fmt::Debug for UnlockedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnlockedStore").field("dir", &self.dir).field("device", &self.device).finish_non_exhaustive()
     }
-    .map_err(|e| e.to_string())?;
-    let has_account = store.load_account().await.map_err(|e| e.to_string())?.is_some();
-    Ok((store, has_account))
+}
+
+impl UnlockedStore {
+    /// Opens and unlocks `STATE_DIR/crypto`, creating it when it does not exist.
+    pub async fn open(config: &Config) -> Result<Self, CryptoError> {
+        let dir = config.state_dir.join("crypto");
+        let exists = dir.join(CRYPTO_DATABASE).exists();
+        let key = store_key(config, exists, &dir)?;
+        Self::open_with(dir, key).await
+    }
+
+    async fn open_with(dir: PathBuf, key: StoreKey) -> Result<Self, CryptoError> {
+        let locked = |reason: String| CryptoError::Locked { path: dir.display().to_string(), reason };
+        let store = match &key {
+            StoreKey::Passphrase(p) => SqliteCryptoStore::open(&dir, Some(p)).await,
+            StoreKey::Key(k) => SqliteCryptoStore::open_with_key(&dir, Some(k)).await,
+        }
+        .map_err(|e| locked(e.to_string()))?;
+        let account = store.load_account().await.map_err(|e| locked(e.to_string()))?;
+        let device = account.map(|a| a.device_id().to_owned());
+        Ok(Self { dir, key, store, device })
+    }
+
+    /// The device of the store's own account, if it has one.
+    pub fn device_id(&self) -> Option<&ruma::DeviceId> {
+        self.device.as_deref()
+    }
+
+    /// Sets this store aside and opens a new, empty one in its place, with the same key.
+    async fn replace(self, why: &str) -> Result<Self, CryptoError> {
+        let Self { dir, key, store, .. } = self;
+        drop(store);
+        set_aside(&dir)?;
+        tracing::warn!(
+            reason = why,
+            "starting over with a new crypto store and a new device: messages encrypted for the old device can no longer be read, and the encryption identities pinned for users (TRUST_POLICY=tofu) are forgotten"
+        );
+        Self::open_with(dir, key).await
+    }
 }
 
 fn new_device_id() -> OwnedDeviceId {
@@ -202,20 +264,25 @@ fn new_device_id() -> OwnedDeviceId {
 }
 
 impl Crypto {
-    /// Sets up the device, the store and the machine; uploads keys and cross-signs the bot once.
+    /// Sets up the machine on the unlocked store, uploads keys and cross-signs the bot once.
+    /// The store is replaced only when its device no longer exists on the homeserver; the
+    /// bot's other devices are deleted only once a new device's machine is up.
     pub async fn start(
         config: &Config,
+        unlocked: &mut UnlockedStore,
         store: Arc<Store>,
         matrix: Arc<MatrixClient>,
         metrics: Arc<Metrics>,
         work: Arc<tokio::sync::Notify>,
     ) -> Result<Arc<Crypto>, CryptoError> {
-        let dir = config.state_dir.join("crypto");
-        let key = store_key(config)?;
         for attempt in 0..2 {
-            let crypto = Self::open(&dir, &key, config, &store, &matrix, &metrics, &work).await?;
+            let fresh = unlocked.device.is_none();
+            let crypto = Self::open(unlocked, config, &store, &matrix, &metrics, &work).await?;
             crypto.flush().await;
             if crypto.server_has_our_keys().await? {
+                if fresh {
+                    delete_other_devices(&matrix, crypto.device_id()).await;
+                }
                 crypto.ensure_cross_signing().await?;
                 crypto.machine.mark_all_tracked_users_as_dirty().await?;
                 crypto.flush().await;
@@ -224,47 +291,37 @@ impl Crypto {
             tracing::warn!(
                 device_id = %crypto.machine.device_id(),
                 attempt,
-                "the homeserver does not hold this device's keys (was the device deleted?); starting over with a new device"
+                "the homeserver does not hold this device's keys (was the device deleted?)"
             );
             drop(crypto);
-            set_aside(&dir)?;
+            *unlocked = unlocked.clone().replace("the device no longer exists on the homeserver").await?;
         }
         Err(CryptoError::Open {
-            path: dir.display().to_string(),
+            path: unlocked.dir.display().to_string(),
             message: "the homeserver keeps refusing our device keys".into(),
         })
     }
 
     async fn open(
-        dir: &Path,
-        key: &StoreKey,
+        unlocked: &mut UnlockedStore,
         config: &Config,
         store: &Arc<Store>,
         matrix: &Arc<MatrixClient>,
         metrics: &Arc<Metrics>,
         work: &Arc<tokio::sync::Notify>,
     ) -> Result<Crypto, CryptoError> {
-        let opened = match open_store(dir, key).await {
-            Ok(opened) => opened,
-            Err(message) => {
-                tracing::error!(
-                    path = %dir.display(),
-                    error = %message,
-                    "the crypto store is unreadable (wrong passphrase or damaged); setting it aside and starting over with a new device: messages encrypted for the old device cannot be read"
-                );
-                set_aside(dir)?;
-                open_store(dir, key)
-                    .await
-                    .map_err(|message| CryptoError::Open { path: dir.display().to_string(), message })?
+        let known_device = store.get(DEVICE_ID_KEY)?;
+        let device_id = match &unlocked.device {
+            Some(device) => {
+                if known_device.as_deref() != Some(device.as_str()) {
+                    tracing::info!(device_id = %device, "the state database does not name this device (was state.sqlite3 lost?); using the crypto store's own");
+                    store.set(DEVICE_ID_KEY, device.as_str())?;
+                }
+                device.clone()
             }
-        };
-        let (crypto_store, has_account) = opened;
-        let known_device = store.get(DEVICE_ID_KEY)?.map(OwnedDeviceId::from);
-        let device_id = match (known_device, has_account) {
-            (Some(device), true) => device,
-            (old, _) => {
-                if let Some(old) = &old {
-                    tracing::warn!(device_id = %old, "the crypto store for this device is gone; deleting the device and making a new one");
+            None => {
+                if let Some(old) = &known_device {
+                    tracing::warn!(device_id = %old, "the crypto store for this device is gone; making a new device");
                 }
                 let device = new_device_id();
                 matrix
@@ -275,12 +332,12 @@ impl Crypto {
                     })
                     .await?;
                 store.set(DEVICE_ID_KEY, device.as_str())?;
-                delete_other_devices(matrix, &device).await;
                 tracing::info!(device_id = %device, "created the bot's device");
                 device
             }
         };
-        let machine = OlmMachine::with_store(&config.bot_user_id, &device_id, crypto_store, None).await?;
+        let machine = OlmMachine::with_store(&config.bot_user_id, &device_id, unlocked.store.clone(), None).await?;
+        unlocked.device = Some(device_id.clone());
         matrix.set_device_id(Some(device_id.clone()));
         tracing::info!(device_id = %device_id, ed25519 = %machine.identity_keys().ed25519, "encryption ready");
         Ok(Crypto {
@@ -303,7 +360,8 @@ impl Crypto {
     async fn server_has_our_keys(&self) -> Result<bool, CryptoError> {
         let mut request = get_keys::v3::Request::new();
         request.device_keys.insert(self.matrix.bot().clone(), vec![self.machine.device_id().to_owned()]);
-        let response = self.matrix.send(request).await?;
+        // NB: not as our device: Synapse refuses to masquerade as a device it no longer has.
+        let response = self.matrix.send_without_device(request).await?;
         let ours = self.machine.identity_keys().ed25519.to_base64();
         let found = response
             .device_keys
@@ -597,7 +655,7 @@ fn set_aside(dir: &Path) -> Result<(), CryptoError> {
         return Ok(());
     }
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let aside = PathBuf::from(format!("{}.broken-{stamp}", dir.display()));
+    let aside = PathBuf::from(format!("{}.replaced-{stamp}", dir.display()));
     std::fs::rename(dir, &aside).map_err(|source| CryptoError::File { path: dir.display().to_string(), source })?;
     tracing::warn!(moved_to = %aside.display(), "set the old crypto store aside");
     Ok(())
@@ -726,9 +784,11 @@ fn is_news(to_device: usize, lists: &DeviceLists, counts: &KeyCounts, last: Opti
     to_device > 0 || !lists.is_empty() || (!no_counts && last != Some(counts))
 }
 
-/// Sets up encryption in the background, retrying while the homeserver is unreachable.
+/// Sets up encryption on the unlocked store in the background, retrying while the homeserver
+/// is unreachable.
 pub async fn start_in_background(
     cell: Arc<CryptoCell>,
+    mut unlocked: UnlockedStore,
     config: Arc<Config>,
     store: Arc<Store>,
     matrix: Arc<MatrixClient>,
@@ -736,7 +796,8 @@ pub async fn start_in_background(
     work: Arc<tokio::sync::Notify>,
 ) {
     loop {
-        match Crypto::start(&config, store.clone(), matrix.clone(), metrics.clone(), work.clone()).await {
+        match Crypto::start(&config, &mut unlocked, store.clone(), matrix.clone(), metrics.clone(), work.clone()).await
+        {
             Ok(crypto) => {
                 cell.set(crypto);
                 work.notify_one();

@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// The state directory or database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The crypto store could not be unlocked.
+    #[error(transparent)]
+    Crypto(#[from] crypto::CryptoError),
     /// The listen address could not be bound.
     #[error("LISTEN_ADDRESS {address}: cannot listen: {source}")]
     Bind {
@@ -54,6 +57,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let started = std::time::Instant::now();
     let config = Arc::new(config);
     let store = Arc::new(Store::open(&config.state_dir)?);
+    // NB: before serving: a wrong passphrase must stop start-up, not set the store aside.
+    let unlocked = crypto::UnlockedStore::open(&config).await?;
     let metrics = Arc::new(Metrics::new());
     let matrix = Arc::new(MatrixClient::new(
         &config.homeserver,
@@ -103,6 +108,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     ));
     let encryption = tokio::spawn(crypto::start_in_background(
         crypto.clone(),
+        unlocked,
         config.clone(),
         store.clone(),
         matrix.clone(),

@@ -275,3 +275,18 @@ async fn the_bot_leaves_a_room_where_no_allowed_user_is_left() {
     alice.leave(&room).await;
     bob.wait_for_membership(&room, BOT, "leave", WAIT).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_too_large_for_the_homeserver_is_sent_shortened() {
+    let s = stack(0).await;
+    let alice = s.user("alice").await;
+    let room = s.dm(&alice).await;
+    let huge = "x".repeat(60 * 1024);
+    let command = alice.send_text(&room, &huge).await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    assert_eq!(replies[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], command.as_str(), "{replies:?}");
+    let text = body(&replies[0]);
+    assert!(text.starts_with("Unknown command: xxxx"), "{text}");
+    assert!(text.ends_with("more characters left out: the message was too large)"), "{text}");
+    assert!(text.len() < 8 * 1024, "{}", text.len());
+}

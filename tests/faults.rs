@@ -10,7 +10,9 @@ use serde_json::Value;
 use support::{
     bridge::{BridgeProcess, BridgeSetup},
     client::User,
-    eventually, scratch_dir,
+    eventually, free_port,
+    proxy::Proxy,
+    scratch_dir,
     synapse::Synapse,
 };
 use test_apiserver::{ControllerMode, Fault, TestApiServer};
@@ -178,4 +180,56 @@ async fn commands_queued_while_we_were_down_are_handled_in_order_and_old_ones_ar
     assert_eq!(replies[1]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], fresh.as_str(), "{replies:?}");
     assert!(body(&replies[1]).starts_with("clawdbot is off"), "{replies:?}");
     assert_eq!(s.scale_patches(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_waited_behind_a_slow_one_past_the_maximum_age_is_not_run() {
+    let s = stack(&[("COMMAND_MAX_AGE_SECS", "3"), ("SLOW_NOTICE_SECS", "60")]).await;
+    let (alice, room) = s.alice_in_dm().await;
+    s.api.set_latency(Duration::from_secs(3));
+    let slow = alice.send_text(&room, "start").await;
+    let waiting = alice.send_text(&room, "stop").await;
+
+    let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    assert_eq!(replies_to(&replies, &slow).len(), 1, "{replies:?}");
+    assert!(body(replies_to(&replies, &slow)[0]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
+    let late = replies_to(&replies, &waiting);
+    assert_eq!(late.len(), 1, "{replies:?}");
+    assert!(body(late[0]).starts_with("not run: sent "), "{replies:?}");
+    assert_eq!(s.scale_patches(), 1, "the late stop was run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_encryption_unable_to_start_a_command_in_a_plain_room_is_still_answered() {
+    let dir = scratch_dir();
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 0);
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let setup = BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap());
+    let synapse = Synapse::start(dir.path(), &setup.registration);
+    // NB: the bridge reaches Synapse through a proxy that refuses to create its device.
+    let proxy_port = free_port();
+    let proxy = Proxy::start(proxy_port, &synapse.url).await;
+    proxy.refuse_paths_containing("/_matrix/client/v3/devices/", 500);
+    let bridge = setup.start(&format!("http://127.0.0.1:{proxy_port}")).await;
+    let (id, token) = synapse.register("alice").await;
+    let alice = User::new(&synapse.url, id, token);
+
+    let encrypted = alice.create_room(&[BOT], true).await;
+    alice.wait_for_membership(&encrypted, BOT, "join", WAIT).await;
+    alice.send_text(&encrypted, "status").await;
+    eventually(WAIT, "the encrypted room's command to wait for encryption", || async {
+        (bridge.metric("matrix_k8s_toggle_errors_total{kind=\"homeserver\"}").await >= 1.0).then_some(())
+    })
+    .await;
+
+    let plain = alice.create_room(&[BOT], false).await;
+    alice.wait_for_membership(&plain, BOT, "join", WAIT).await;
+    let command = alice.send_text(&plain, "status").await;
+    let replies = alice.wait_for_messages(&plain, BOT, 1, WAIT).await;
+    assert_eq!(replies_to(&replies, &command).len(), 1, "{replies:?}");
+    assert!(body(&replies[0]).starts_with("clawdbot is off"), "{replies:?}");
+    assert!(alice.messages_from(&encrypted, BOT).await.is_empty(), "plaintext went into the encrypted room");
+    assert!(bridge.log().contains("could not set up encryption"), "{}", bridge.log());
 }

@@ -140,6 +140,42 @@ impl BridgeProcess {
         }
     }
 
+    /// Sets (or with `None` removes) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.env.insert(key.into(), v.into()),
+            None => self.env.remove(key),
+        };
+    }
+
+    /// Starts the process again and waits for it to exit by itself (a start-up that must
+    /// fail); panics if it is still running after 30 s.
+    pub fn start_expecting_exit(&mut self) -> std::process::ExitStatus {
+        assert!(self.child.is_none(), "stop the bridge first");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let mut child = Command::new(bridge_binary())
+            .arg("serve")
+            .env_clear()
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the bridge");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the bridge kept running; it should have stopped at start-up:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the process again with the same environment and state.
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "stop the bridge first");

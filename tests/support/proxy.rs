@@ -20,6 +20,7 @@ struct Inner {
     hold_from: Mutex<Vec<String>>,
     held: Mutex<Vec<Value>>,
     released: Mutex<u32>,
+    refuse: Mutex<Vec<(String, u16)>>,
 }
 
 /// A running proxy; stops when dropped.
@@ -43,6 +44,12 @@ impl Proxy {
     /// Holds back to-device events sent by `sender` from now on.
     pub fn hold_to_device_from(&self, sender: &str) {
         self.inner.hold_from.lock().unwrap().push(sender.into());
+    }
+
+    /// Answers every request whose path contains `fragment` with `status` (M_UNKNOWN) instead
+    /// of forwarding it.
+    pub fn refuse_paths_containing(&self, fragment: &str, status: u16) {
+        self.inner.refuse.lock().unwrap().push((fragment.into(), status));
     }
 
     /// How many to-device events are held.
@@ -78,6 +85,11 @@ impl Drop for Proxy {
 
 async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    let refused = inner.refuse.lock().unwrap().iter().find(|(f, _)| parts.uri.path().contains(f.as_str())).cloned();
+    if let Some((_, status)) = refused {
+        let body = json!({"errcode": "M_UNKNOWN", "error": "refused by the test proxy"}).to_string();
+        return (StatusCode::from_u16(status).unwrap(), body).into_response();
+    }
     let bytes: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     let mut body = bytes.to_vec();
     let hold_from = inner.hold_from.lock().unwrap().clone();
