@@ -520,6 +520,11 @@ fn the_registration_url_the_service_and_the_container_agree_on_the_port() {
 
     let spec = service.spec.unwrap();
     assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(
+        spec.publish_not_ready_addresses,
+        Some(true),
+        "Synapse must reach the bridge while /readyz fails, or it drops room keys"
+    );
     let service_ports = spec.ports.unwrap_or_default();
     assert_eq!(service_ports.len(), 1);
     assert_eq!(service_ports[0].port, port, "the Service's port");
