@@ -88,9 +88,10 @@ impl BridgeSetup {
 }
 
 impl BridgeProcess {
-    async fn spawn(&mut self) {
+    /// Starts `serve` with this environment, its output appended to the log.
+    fn spawn_child(&self) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
-        let child = Command::new(bridge_binary())
+        Command::new(bridge_binary())
             .arg("serve")
             .env_clear()
             .envs(&self.env)
@@ -98,8 +99,11 @@ impl BridgeProcess {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("starting the bridge");
-        self.child = Some(child);
+            .expect("starting the bridge")
+    }
+
+    async fn spawn(&mut self) {
+        self.child = Some(self.spawn_child());
         let http = reqwest::Client::new();
         let url = format!("{}/healthz", self.url);
         let log_path = self.log_path.clone();
@@ -152,16 +156,7 @@ impl BridgeProcess {
     /// fail); panics if it is still running after 30 s.
     pub fn start_expecting_exit(&mut self) -> std::process::ExitStatus {
         assert!(self.child.is_none(), "stop the bridge first");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
-        let mut child = Command::new(bridge_binary())
-            .arg("serve")
-            .env_clear()
-            .envs(&self.env)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting the bridge");
+        let mut child = self.spawn_child();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
