@@ -36,7 +36,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::{
     clock::{Clock, SharedClock, SystemClock},
-    metrics::{Metrics, ResultLabel, TypeLabel},
+    metrics::{Metrics, ResultLabel},
     secret::Secret,
     store::{QueuedEvent, Store, TransactionSeen},
 };
@@ -208,7 +208,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TraceLayer::new_for_http())
+        // NB: the span names the path, never the query: the hs_token may come as `access_token`.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+        }))
         .with_state(state)
 }
 
@@ -227,7 +230,9 @@ async fn require_hs_token(
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
+        .and_then(|v| v.strip_prefix("Bearer ").map(str::trim))
+        // NB: an empty `Bearer ` header beside the query parameter: the parameter decides.
+        .filter(|t| !t.is_empty());
     let token = match (bearer, query.access_token.as_deref()) {
         (None, None) => {
             return MatrixErrorResponse::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing hs_token")
@@ -310,8 +315,7 @@ async fn handle_transaction(
     }
     let txn = parse_transaction(txn_id, &body)?;
     for event in &txn.events {
-        let kind = event.get_field::<String>("type").ok().flatten().unwrap_or_default();
-        inner.metrics.events.get_or_create(&TypeLabel { r#type: kind }).inc();
+        inner.metrics.event(event.get_field::<&str>("type").ok().flatten().unwrap_or_default());
     }
     inner.sink.ingest(&txn).await;
     let queued: Vec<QueuedEvent> = txn

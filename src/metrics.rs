@@ -13,12 +13,33 @@ pub struct KindLabel {
     pub kind: String,
 }
 
-/// Label set with one `type` label (a Matrix event type).
+/// Label set with one `type` label: a known Matrix event type, or `other`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
-    /// The event type.
-    pub r#type: String,
+    /// The event type, one of [`KNOWN_EVENT_TYPES`] or `other`.
+    pub r#type: &'static str,
 }
+
+/// The event types counted under their own name; every other type is counted as `other`, so
+/// no room member can add label values (or break the format) by sending odd types.
+pub const KNOWN_EVENT_TYPES: &[&str] = &[
+    "m.room.message",
+    "m.room.encrypted",
+    "m.room.member",
+    "m.room.encryption",
+    "m.room.history_visibility",
+    "m.room.create",
+    "m.room.name",
+    "m.room.topic",
+    "m.room.avatar",
+    "m.room.power_levels",
+    "m.room.join_rules",
+    "m.room.guest_access",
+    "m.room.canonical_alias",
+    "m.room.redaction",
+    "m.reaction",
+    "m.sticker",
+];
 
 /// Label set with one `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,6 +143,12 @@ impl Metrics {
         }
     }
 
+    /// Counts a received event of type `event_type` (unknown types as `other`).
+    pub fn event(&self, event_type: &str) {
+        let label = KNOWN_EVENT_TYPES.iter().copied().find(|t| *t == event_type).unwrap_or("other");
+        self.events.get_or_create(&TypeLabel { r#type: label }).inc();
+    }
+
     /// Counts an error of `kind`.
     pub fn error(&self, kind: &str) {
         self.errors.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
@@ -147,11 +174,26 @@ mod tests {
     #[test]
     fn counted_events_appear_in_the_text_output() {
         let m = Metrics::new();
-        m.events.get_or_create(&TypeLabel { r#type: "m.room.message".into() }).inc();
+        m.event("m.room.message");
         m.error("homeserver");
         let text = m.render();
         assert!(text.contains("matrix_k8s_toggle_events_total{type=\"m.room.message\"} 1"), "{text}");
         assert!(text.contains("matrix_k8s_toggle_errors_total{kind=\"homeserver\"} 1"), "{text}");
         assert!(text.contains("# EOF"));
+    }
+
+    #[test]
+    fn odd_event_types_are_counted_as_other_and_add_no_label_values() {
+        let m = Metrics::new();
+        for i in 0..1000 {
+            m.event(&format!("evil\"}}\n{i}"));
+        }
+        m.event("m.room.member");
+        let text = m.render();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("matrix_k8s_toggle_events_total")).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines.contains(&r#"matrix_k8s_toggle_events_total{type="other"} 1000"#), "{text}");
+        assert!(lines.contains(&r#"matrix_k8s_toggle_events_total{type="m.room.member"} 1"#), "{text}");
+        assert!(!text.contains("evil"), "{text}");
     }
 }

@@ -266,3 +266,43 @@ async fn readiness_fails_and_metrics_show_it_while_the_oldest_job_waits_too_long
     let (status, text) = get_text(&f, "/readyz").await;
     assert_eq!(status, StatusCode::OK, "an empty queue is ready again: {text}");
 }
+
+/// A tracing writer that keeps everything written, for reading the log in a test.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_token_in_the_query_is_accepted_beside_an_empty_bearer_and_never_logged() {
+    let log = LogBuffer::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let f = fixture();
+    let req = Request::builder()
+        .method("PUT")
+        .uri(format!("/_matrix/app/v1/transactions/q1?access_token={TOKEN}"))
+        .header("authorization", "Bearer ")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"events":[]}"#))
+        .unwrap();
+    let resp = app(f.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("/_matrix/app/v1/transactions/q1"), "the path is logged: {text}");
+    assert!(!text.contains(TOKEN), "the token reached the log: {text}");
+}
