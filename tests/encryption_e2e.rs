@@ -234,22 +234,32 @@ async fn tokens_passphrases_and_decrypted_bodies_never_reach_the_log_above_trace
     }
 }
 
-/// Every database file under `dir` with its contents, to tell that nothing was touched.
-/// NB: SQLite's `-wal` and `-shm` files are left out: SQLite itself resets them when it opens
-/// a database, whoever opens it.
-fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .filter(|p| !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm"))
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect();
-    files.sort();
-    files
+/// What the crypto database under `dir` holds, row by row (or its bytes, when SQLite cannot read
+/// it), to tell that nothing was changed. NB: rows, not file bytes: SQLite itself folds its
+/// write-ahead log into the file when any connection opens and closes it.
+fn snapshot(dir: &std::path::Path) -> Vec<String> {
+    let path = dir.join("matrix-sdk-crypto.sqlite3");
+    let rows = || -> rusqlite::Result<Vec<String>> {
+        let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for table in tables {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\""))?;
+            let columns = stmt.column_count();
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let values: Vec<String> =
+                    (0..columns).map(|i| format!("{:?}", row.get_ref(i).map(|v| v.to_owned()))).collect();
+                out.push(format!("{table}: {}", values.join(", ")));
+            }
+        }
+        out.sort();
+        Ok(out)
+    };
+    rows().unwrap_or_else(|_| vec![format!("{:?}", std::fs::read(&path).unwrap())])
 }
 
 /// The entries of the state directory whose name starts with "crypto." (set-aside stores).
