@@ -99,6 +99,15 @@ async fn encrypted_room_with_bot(alice: &E2eeClient) -> matrix_sdk::ruma::OwnedR
     room
 }
 
+/// Alice in an encrypted room with the bot, whose `status` the bot has answered once.
+async fn alice_answered_in_an_encrypted_room(s: &Stack) -> (E2eeClient, matrix_sdk::ruma::OwnedRoomId) {
+    let alice = s.person("alice", "1").await;
+    let room = encrypted_room_with_bot(&alice).await;
+    alice.send_text(&room, "status").await;
+    alice.wait_for_messages(&room, &bot(), 1).await;
+    (alice, room)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encrypted_start_is_patched_once_and_answered_encrypted_by_a_cross_signed_bot_device() {
     let s = stack(false).await;
@@ -124,10 +133,7 @@ async fn an_encrypted_start_is_patched_once_and_answered_encrypted_by_a_cross_si
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_on_the_same_state_dir_commands_work_and_no_new_device_appears() {
     let mut s = stack(false).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
     let before = alice.devices_of(&bot()).await;
 
     assert!(s.bridge.terminate().success());
@@ -144,10 +150,7 @@ async fn after_a_restart_on_the_same_state_dir_commands_work_and_no_new_device_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_device_of_the_same_user_can_command() {
     let s = stack(false).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (_alice, room) = alice_answered_in_an_encrypted_room(&s).await;
 
     let laptop = s.person("alice", "2").await;
     laptop.send_text(&room, "start").await;
@@ -159,10 +162,7 @@ async fn a_second_device_of_the_same_user_can_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_who_joins_later_reads_the_next_reply_and_a_stranger_in_the_room_is_ignored() {
     let s = stack(false).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
 
     let bob = s.person("bob", "1").await;
     alice.client.get_room(&room).unwrap().invite_user_by_id(&bob.user_id()).await.unwrap();
@@ -185,10 +185,7 @@ async fn a_member_who_joins_later_reads_the_next_reply_and_a_stranger_in_the_roo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_whose_room_key_arrives_in_a_later_transaction_runs_exactly_once() {
     let s = stack(true).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
 
     s.proxy().hold_to_device_from(alice.user_id().as_str());
     alice.client.get_room(&room).unwrap().discard_room_key().await.unwrap();
@@ -274,10 +271,7 @@ fn set_aside_stores(state: &std::path::Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_crypto_store_is_replaced_by_a_new_device_that_works_and_the_old_device_is_deleted() {
     let mut s = stack(false).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
     let previous = alice.devices_of(&bot()).await;
 
     assert!(s.bridge.terminate().success());
@@ -302,10 +296,7 @@ async fn a_lost_crypto_store_is_replaced_by_a_new_device_that_works_and_the_old_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_passphrase_a_lost_key_file_or_a_damaged_store_stop_start_up_and_leave_the_store_untouched() {
     let mut s = stack_with(false, &[("CRYPTO_STORE_PASSPHRASE", "the-right-passphrase-1")]).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
     let devices = alice.devices_of(&bot()).await;
     assert!(s.bridge.terminate().success());
     let state = s.dir.path().join("state");
@@ -346,10 +337,7 @@ async fn a_wrong_passphrase_a_lost_key_file_or_a_damaged_store_stop_start_up_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_state_database_lost_the_crypto_stores_own_device_is_kept_and_works() {
     let mut s = stack(false).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
     let devices = alice.devices_of(&bot()).await;
 
     assert!(s.bridge.terminate().success());
@@ -368,10 +356,7 @@ async fn with_the_state_database_lost_the_crypto_stores_own_device_is_kept_and_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_deleted_on_the_homeserver_is_replaced_and_the_log_says_what_is_lost() {
     let mut s = stack(false).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    alice.send_text(&room, "status").await;
-    alice.wait_for_messages(&room, &bot(), 1).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
     let previous = alice.devices_of(&bot()).await;
 
     assert!(s.bridge.terminate().success());
