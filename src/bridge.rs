@@ -35,7 +35,7 @@ use matrix_sdk_common::deserialized_responses::EncryptionInfo;
 use crate::{
     clock::{SharedClock, SystemClock},
     commands::{self, Addressed, BotNames, Command, Parsed, Permission},
-    config::{Config, RefusalMode, Target},
+    config::{BareCommands, Config, RefusalMode, Target},
     crypto::{CryptoCell, CryptoError, Decryption},
     matrix::{MatrixClient, MatrixError},
     metrics::{KindLabel, Metrics},
@@ -159,7 +159,7 @@ pub struct Bridge {
     crypto: Arc<CryptoCell>,
     scaler: Result<Scaler, ScaleError>,
     names: BotNames,
-    refusals: Mutex<HashMap<OwnedRoomId, i64>>,
+    refusals: Mutex<HashMap<(OwnedRoomId, &'static str), i64>>,
     limiter: RateLimiter,
     started: std::time::Instant,
     clock: SharedClock,
@@ -206,10 +206,7 @@ impl Bridge {
     async fn handle_event(&self, job: &Job, event: AnyTimelineEvent) -> Result<(), BridgeError> {
         match event {
             AnyTimelineEvent::State(AnyStateEvent::RoomMember(member)) => self.on_member(member).await,
-            AnyTimelineEvent::State(AnyStateEvent::RoomEncryption(e)) => {
-                self.rooms.set_encrypted(e.room_id());
-                Ok(())
-            }
+            AnyTimelineEvent::State(AnyStateEvent::RoomEncryption(e)) => self.mark_encrypted(e.room_id()),
             AnyTimelineEvent::State(AnyStateEvent::RoomHistoryVisibility(e)) => {
                 if let Some(original) = e.as_original() {
                     self.rooms.set_history_visibility(e.room_id(), original.content.history_visibility.as_str());
@@ -250,7 +247,7 @@ impl Bridge {
                 );
                 Ok(())
             }
-            Decryption::Decrypted { event, info } => {
+            Decryption::Decrypted { event, info, position } => {
                 if job.attempts > 0 {
                     self.metrics.crypto("recovered");
                 }
@@ -258,6 +255,31 @@ impl Bridge {
                 if info.sender != sender || inner_room.as_deref().is_some_and(|r| r != room.as_str()) {
                     self.metrics.error("forged_event");
                     tracing::warn!(event_id = %job.event_id, "refusing an event whose encrypted payload names another sender or room");
+                    return Ok(());
+                }
+                // NB: the outer event id and timestamp are not authenticated; the Megolm message
+                // index is. A ciphertext seen before under another event id is a replay.
+                let Some(position) = position else {
+                    self.metrics.error("forged_event");
+                    tracing::warn!(event_id = %job.event_id, "refusing a decrypted event whose Megolm message index cannot be read");
+                    return Ok(());
+                };
+                let first = self.store.first_event_at_megolm_index(
+                    &position.session_id,
+                    position.index,
+                    &job.event_id,
+                    job.received_ms,
+                )?;
+                if first != job.event_id {
+                    self.metrics.error("replayed_event");
+                    tracing::warn!(
+                        event_id = %job.event_id,
+                        first_event_id = %first,
+                        sender = %sender,
+                        session_id = %position.session_id,
+                        message_index = position.index,
+                        "refusing a replayed ciphertext: this Megolm message already came under another event id"
+                    );
                     return Ok(());
                 }
                 match event.deserialize() {
@@ -408,14 +430,36 @@ impl Bridge {
                 members.insert(user.to_owned(), ev.membership().clone());
             }
         }
-        let encryption =
-            get_state_event_for_key::v3::Request::new(room.to_owned(), StateEventType::RoomEncryption, String::new());
-        match self.matrix.send(encryption).await {
-            Ok(_) => self.rooms.set_encrypted(room),
-            Err(e) if e.errcode() == Some("M_NOT_FOUND") => {}
-            Err(e) => return Err(e.into()),
+        // NB: a room once seen encrypted stays so, whatever the homeserver says later.
+        if self.store.is_room_encrypted(room.as_str())? {
+            self.rooms.set_encrypted(room);
+        } else if self.room_state(room, StateEventType::RoomEncryption).await?.is_some() {
+            self.mark_encrypted(room)?;
+        }
+        // NB: it decides whether invited members receive the keys of our replies.
+        if let Some(content) = self.room_state(room, StateEventType::RoomHistoryVisibility).await?
+            && let Some(visibility) = content["history_visibility"].as_str()
+        {
+            self.rooms.set_history_visibility(room, visibility);
         }
         self.rooms.load(room, members);
+        Ok(())
+    }
+
+    /// The content of the room's state event of `kind` (empty state key); `None` when unset.
+    async fn room_state(&self, room: &RoomId, kind: StateEventType) -> Result<Option<serde_json::Value>, BridgeError> {
+        let request = get_state_event_for_key::v3::Request::new(room.to_owned(), kind, String::new());
+        match self.matrix.send(request).await {
+            Ok(response) => Ok(Some(serde_json::from_str(response.event_or_content.get()).unwrap_or_default())),
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records that `room` is encrypted, here and in the state database (for after a restart).
+    fn mark_encrypted(&self, room: &RoomId) -> Result<(), BridgeError> {
+        self.rooms.set_encrypted(room);
+        self.store.mark_room_encrypted(room.as_str())?;
         Ok(())
     }
 
@@ -437,7 +481,11 @@ impl Bridge {
             self.load_room(room).await?;
         }
         let joined = self.rooms.get(room).map_or(0, |r| r.joined().count());
-        let addressed = if joined <= 2 { Addressed::ToBot } else { Addressed::ToRoom };
+        let addressed = match self.config.bare_commands {
+            _ if joined <= 2 => Addressed::ToBot,
+            BareCommands::Dm => Addressed::ToRoom,
+            BareCommands::Always => Addressed::ToRoomBare,
+        };
         let mentioned = content.mentions.as_ref().is_some_and(|m| m.user_ids.contains(self.matrix.bot()));
         let (parsed, to_bot) = commands::read(&text.body, &self.names, addressed, mentioned);
         let sender = &message.sender;
@@ -447,6 +495,14 @@ impl Bridge {
         }
         if !allowed {
             return self.refuse(job, room, &message.event_id, sender).await;
+        }
+        // NB: a plaintext event proves nothing about its sender: anyone with the hs_token, or
+        // the homeserver's admin, can write one under an allowed user's name.
+        if encryption.is_none() {
+            let encrypted_room = self.rooms.get(room).is_some_and(|r| r.encrypted);
+            if encrypted_room || self.config.require_encryption {
+                return self.refuse_plaintext(room, &message.event_id, sender, encrypted_room).await;
+            }
         }
 
         // NB: checked now, when it is about to run, not when it arrived: it may have waited
@@ -529,22 +585,54 @@ impl Bridge {
         Ok(())
     }
 
+    /// Whether a refusal of `kind` may be said in `room` now: at most one an hour per room.
+    fn refusal_due(&self, room: &RoomId, kind: &'static str, now_ms: i64) -> bool {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (room.to_owned(), kind);
+        let due = refusals.get(&key).is_none_or(|t| now_ms - t >= REFUSAL_INTERVAL_MS);
+        if due {
+            refusals.insert(key, now_ms);
+        }
+        due
+    }
+
+    /// Refuses a command that came unencrypted where only encrypted ones count; says why at
+    /// most once an hour per room.
+    async fn refuse_plaintext(
+        &self,
+        room: &RoomId,
+        event_id: &EventId,
+        sender: &UserId,
+        encrypted_room: bool,
+    ) -> Result<(), BridgeError> {
+        self.metrics.error("plaintext_command");
+        tracing::warn!(
+            room_id = %room,
+            event_id = %event_id,
+            sender = %sender,
+            encrypted_room,
+            "refusing an unencrypted command: nothing proves who sent it"
+        );
+        if !self.refusal_due(room, "plaintext", self.clock.now_ms()) {
+            return Ok(());
+        }
+        let reply = Reply::text(if encrypted_room {
+            "Not run: this command came unencrypted into an encrypted room, so nothing proves who sent it. \
+             Send commands from a client with encryption turned on. (I say this at most once an hour.)"
+        } else {
+            "Not run: commands must be encrypted (REQUIRE_ENCRYPTION=true) and this room is not. \
+             Turn on encryption in the room's settings, then send the command again. (I say this at most once an hour.)"
+        });
+        self.send_notice(room, Some(event_id), &reply, &txn_id("plaintext", event_id)).await
+    }
+
     async fn refuse(&self, job: &Job, room: &RoomId, event_id: &EventId, sender: &UserId) -> Result<(), BridgeError> {
         tracing::info!(room_id = %room, sender = %sender, "ignoring a command from a user who is not allowed");
         self.metrics.error("not_allowed");
         if self.config.refusal != RefusalMode::Hourly {
             return Ok(());
         }
-        let due = {
-            let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
-            let last = refusals.get(room).copied();
-            let due = last.is_none_or(|t| job.received_ms - t >= REFUSAL_INTERVAL_MS);
-            if due {
-                refusals.insert(room.to_owned(), job.received_ms);
-            }
-            due
-        };
-        if due {
+        if self.refusal_due(room, "not_allowed", job.received_ms) {
             let reply = Reply::text(format!(
                 "Sorry, {sender} may not command this bot. Ask an admin to add you to ALLOWED_USERS."
             ));
@@ -621,7 +709,7 @@ impl Bridge {
                 {
                     return (Some(format!("{} allows at most {} replicas.", first.name, first.max_replicas)), None);
                 }
-                match self.patiently(message, scaler.start(first, *replicas)).await {
+                match self.patiently(message, scaler.start(first, *replicas, self.store.as_ref())).await {
                     Ok(Change::Scaled { from, to }) => {
                         self.metrics
                             .transaction_to_patch_seconds
@@ -641,7 +729,7 @@ impl Bridge {
                     }
                 }
             }
-            Command::Stop { .. } => match self.patiently(message, scaler.stop(first)).await {
+            Command::Stop { .. } => match self.patiently(message, scaler.stop(first, self.store.as_ref())).await {
                 Ok(Change::Scaled { from, .. }) => {
                     self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                     tracing::info!(target = %first.name, from, "scaled to zero");

@@ -135,13 +135,19 @@ pub enum Parsed {
     NotACommand,
 }
 
-/// How the message was addressed: in a DM every message is for the bot.
+/// Where the message was said: in a DM every message is for the bot; in a group room only
+/// what is addressed to it (`!toggle stop`, a mention, `toggle: stop`), unless bare commands
+/// are allowed there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Addressed {
-    /// Explicitly to the bot (mention, name prefix, `!toggle`), or a DM.
+    /// A DM (the bot and one person): every message is for the bot.
     ToBot,
-    /// Said in a group room without addressing the bot.
+    /// A group room: only messages addressed to the bot are commands; a bare `stop` said to a
+    /// colleague is chatter.
     ToRoom,
+    /// A group room where a bare known command counts too (`BARE_COMMANDS=always`, the old
+    /// bot's behaviour); a known word followed by a sentence is still chatter.
+    ToRoomBare,
 }
 
 /// Names the bot answers to when a message starts with them.
@@ -210,6 +216,9 @@ pub fn read(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool)
     let lowered = text.to_lowercase();
     let (rest, prefixed) = names.strip(&lowered);
     let to_bot = prefixed || mentioned || addressed == Addressed::ToBot;
+    if !to_bot && addressed == Addressed::ToRoom {
+        return (Parsed::NotACommand, false);
+    }
     let mut parsed = parse_words(rest, to_bot);
     // NB: the user id is the last word; older user ids may hold capitals, so keep them as typed.
     if let Parsed::Command(Command::Approve { user }) = &mut parsed
@@ -331,6 +340,10 @@ mod tests {
         parse(text, &names(), Addressed::ToRoom, false)
     }
 
+    fn group_with_bare_commands(text: &str) -> Parsed {
+        parse(text, &names(), Addressed::ToRoomBare, false)
+    }
+
     fn cmd(c: Command) -> Parsed {
         Parsed::Command(c)
     }
@@ -381,9 +394,22 @@ mod tests {
             "@toggle:example.org: status",
             "toggle, status",
             "Kubernetes toggle: status",
-            "status",
         ] {
             assert_eq!(group(text), expected, "{text:?}");
+            assert_eq!(group_with_bare_commands(text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_bare_command_said_in_a_group_room_is_chatter_unless_bare_commands_are_allowed() {
+        for (text, command) in [
+            ("stop", Command::Stop { target: None }),
+            ("status", Command::Status { target: None }),
+            ("start web", Command::Start { target: Some("web".into()), replicas: None }),
+        ] {
+            assert_eq!(group(text), Parsed::NotACommand, "{text:?}");
+            assert_eq!(group_with_bare_commands(text), cmd(command.clone()), "{text:?}");
+            assert_eq!(dm(text), cmd(command), "{text:?} in a DM");
         }
     }
 
@@ -391,6 +417,7 @@ mod tests {
     fn chatter_in_a_group_room_is_not_a_command() {
         for text in ["stop the music please", "let's start", "good morning", "start a b c"] {
             assert_eq!(group(text), Parsed::NotACommand, "{text:?}");
+            assert_eq!(group_with_bare_commands(text), Parsed::NotACommand, "{text:?}");
         }
     }
 

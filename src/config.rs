@@ -99,6 +99,18 @@ pub enum TrustPolicy {
     CrossSigned,
 }
 
+/// Where commands need not be addressed to the bot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BareCommands {
+    /// Only in direct chats (the bot and one person); elsewhere `!toggle stop`, a mention or
+    /// `toggle: stop`.
+    #[default]
+    Dm,
+    /// In every room (the old bot's behaviour): a bare `stop` said to a colleague is obeyed.
+    Always,
+}
+
 /// One workload the bot can switch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -157,6 +169,10 @@ pub struct Config {
     pub slow_notice: Duration,
     /// Which devices may command in encrypted rooms.
     pub trust_policy: TrustPolicy,
+    /// Whether commands in unencrypted rooms are refused too.
+    pub require_encryption: bool,
+    /// Where commands need not be addressed to the bot.
+    pub bare_commands: BareCommands,
     /// Passphrase of the crypto store, if given.
     pub crypto_store_passphrase: Option<Secret>,
     /// Log filter (tracing `EnvFilter` syntax).
@@ -186,6 +202,8 @@ impl fmt::Debug for Config {
             .field("leave_rooms_without_allowed_users", &self.leave_rooms_without_allowed_users)
             .field("slow_notice", &self.slow_notice)
             .field("trust_policy", &self.trust_policy)
+            .field("require_encryption", &self.require_encryption)
+            .field("bare_commands", &self.bare_commands)
             .field("crypto_store_passphrase", &self.crypto_store_passphrase)
             .field("log_format", &self.log_format)
             .finish()
@@ -228,6 +246,8 @@ struct RawConfig {
     slow_notice_secs: Option<u64>,
     unauthorized_reply: Option<RefusalMode>,
     trust_policy: Option<TrustPolicy>,
+    require_encryption: Option<bool>,
+    bare_commands: Option<BareCommands>,
     crypto_store_passphrase_file: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
@@ -443,6 +463,14 @@ impl Config {
             Some(v) => parse_enum("TRUST_POLICY", v, "tofu, cross-signed")?,
             None => raw.trust_policy.unwrap_or_default(),
         };
+        let require_encryption = match get("REQUIRE_ENCRYPTION") {
+            Some(v) => parse_bool("REQUIRE_ENCRYPTION", v)?,
+            None => raw.require_encryption.unwrap_or(false),
+        };
+        let bare_commands = match get("BARE_COMMANDS") {
+            Some(v) => parse_enum("BARE_COMMANDS", v, "dm, always")?,
+            None => raw.bare_commands.unwrap_or_default(),
+        };
         let passphrase_file =
             get("CRYPTO_STORE_PASSPHRASE_FILE").map(PathBuf::from).or(raw.crypto_store_passphrase_file);
         let crypto_store_passphrase = match (get("CRYPTO_STORE_PASSPHRASE"), passphrase_file) {
@@ -485,6 +513,8 @@ impl Config {
             leave_rooms_without_allowed_users,
             slow_notice,
             trust_policy,
+            require_encryption,
+            bare_commands,
             crypto_store_passphrase,
             log_filter,
             log_format,
@@ -558,6 +588,17 @@ mod tests {
         assert_eq!(c.targets[0].workload, "clawdbot");
         assert_eq!(c.targets[0].namespace, "clawdbot");
         assert!(!c.echo_mode);
+        assert!(!c.require_encryption, "REQUIRE_ENCRYPTION is off unless set");
+        assert_eq!(c.bare_commands, BareCommands::Dm, "group rooms need an address unless set");
+    }
+
+    #[test]
+    fn require_encryption_and_bare_commands_are_read_from_the_environment_and_checked() {
+        let c = Fixture::new().with("REQUIRE_ENCRYPTION", "true").with("BARE_COMMANDS", "Always").load().unwrap();
+        assert!(c.require_encryption);
+        assert_eq!(c.bare_commands, BareCommands::Always);
+        let err = Fixture::new().with("BARE_COMMANDS", "never").load().unwrap_err().to_string();
+        assert!(err.starts_with("BARE_COMMANDS:") && err.contains("dm, always"), "{err}");
     }
 
     #[test]

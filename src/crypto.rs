@@ -109,6 +109,9 @@ pub enum Decryption {
         event: Raw<AnyTimelineEvent>,
         /// Who sent it, from which device, how trusted.
         info: Arc<EncryptionInfo>,
+        /// Where in its Megolm session the ciphertext sits; the same position under another
+        /// event id is a replay.
+        position: Option<MegolmPosition>,
     },
     /// The room key has not arrived (yet).
     MissingKey {
@@ -117,6 +120,35 @@ pub enum Decryption {
     },
     /// It cannot be decrypted, and waiting will not help.
     Failed(String),
+}
+
+/// A ciphertext's place in its Megolm session: the session id and the message index. The
+/// index is covered by the session's signature, so after a successful decryption it is
+/// authentic, unlike the outer event's id and timestamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MegolmPosition {
+    /// The Megolm session.
+    pub session_id: String,
+    /// The message index within the session.
+    pub index: u32,
+}
+
+impl MegolmPosition {
+    /// Reads the position from an `m.room.encrypted` event's content.
+    pub fn of_event(event_json: &str) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Outer {
+            content: Content,
+        }
+        #[derive(serde::Deserialize)]
+        struct Content {
+            session_id: String,
+            ciphertext: String,
+        }
+        let outer: Outer = serde_json::from_str(event_json).ok()?;
+        let message = vodozemac::megolm::MegolmMessage::from_base64(&outer.content.ciphertext).ok()?;
+        Some(MegolmPosition { session_id: outer.content.session_id, index: message.message_index() })
+    }
 }
 
 /// Key of the state database holding our device id.
@@ -526,7 +558,11 @@ impl Crypto {
         };
         match self.machine.try_decrypt_room_event(&raw, room, &decryption_settings()).await {
             Ok(RoomEventDecryptionResult::Decrypted(d)) => {
-                Decryption::Decrypted { event: d.event, info: d.encryption_info }
+                let position = MegolmPosition::of_event(event_json).filter(|p| {
+                    // NB: the session id in the outer content is the one the machine used.
+                    d.encryption_info.session_id() == Some(p.session_id.as_str())
+                });
+                Decryption::Decrypted { event: d.event, info: d.encryption_info, position }
             }
             Ok(RoomEventDecryptionResult::UnableToDecrypt(info)) => {
                 self.metrics.crypto("decryption_failed");

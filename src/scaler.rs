@@ -1,6 +1,6 @@
 //! Kubernetes, through kube-rs: scale a workload through its `/scale` subresource (JSON merge
-//! patch), remember its replica count across a stop, read its state, watch a rollout, and turn
-//! API errors into messages a person can act on.
+//! patch), restore its replica count after a stop (kept by a [`ReplicaMemory`]), read its
+//! state, watch a rollout, and turn API errors into messages a person can act on.
 
 use std::{
     future::Future,
@@ -24,8 +24,18 @@ use crate::config::{Target, WorkloadKind};
 /// The field manager our patches are recorded under.
 pub const FIELD_MANAGER: &str = "matrix-k8s-toggle";
 
-/// Annotation holding the replica count a workload had before it was stopped.
+/// Annotation in which earlier versions kept the replica count a workload had before it was
+/// stopped. Read (never written) when the bridge's own state has no count for the workload.
 pub const REMEMBERED_REPLICAS: &str = "matrix-k8s-toggle/replicas-before-stop";
+
+/// Where the replica count to restore is kept across a stop: the bridge's own state, so the
+/// bridge needs no write access to the workload object itself.
+pub trait ReplicaMemory: Send + Sync {
+    /// The count `t` had before it was last stopped, if one is known.
+    fn recall(&self, t: &Target) -> Result<Option<i32>, String>;
+    /// Keeps `replicas` as the count to restore for `t`.
+    fn remember(&self, t: &Target, replicas: i32) -> Result<(), String>;
+}
 
 /// What went wrong talking to Kubernetes, phrased for the person who must act.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +76,9 @@ pub enum ScaleError {
     /// Anything else.
     #[error("Kubernetes error: {0}")]
     Other(String),
+    /// The count to restore could not be kept; nothing was scaled.
+    #[error("could not keep the replica count to restore ({0}); nothing was changed")]
+    Memory(String),
     /// No client could be configured.
     #[error("no Kubernetes configuration: {0}; run in a pod with a ServiceAccount or set KUBECONFIG")]
     Config(String),
@@ -187,14 +200,15 @@ where
     false
 }
 
-/// One permission the scaler uses: (verb, resource with subresource).
-pub fn permissions_needed(kind: WorkloadKind) -> [(&'static str, &'static str); 6] {
+/// The permissions the scaler uses: (verb, resource with subresource). Writes go only to the
+/// `/scale` subresource, which can change nothing but the replica count: no `patch` or
+/// `update` on the workload itself, whose pod template a compromised bridge could rewrite.
+pub fn permissions_needed(kind: WorkloadKind) -> [(&'static str, &'static str); 5] {
     match kind {
         WorkloadKind::Deployment => [
             ("get", "deployments/scale"),
             ("patch", "deployments/scale"),
             ("get", "deployments"),
-            ("patch", "deployments"),
             ("list", "deployments"),
             ("watch", "deployments"),
         ],
@@ -202,7 +216,6 @@ pub fn permissions_needed(kind: WorkloadKind) -> [(&'static str, &'static str); 
             ("get", "statefulsets/scale"),
             ("patch", "statefulsets/scale"),
             ("get", "statefulsets"),
-            ("patch", "statefulsets"),
             ("list", "statefulsets"),
             ("watch", "statefulsets"),
         ],
@@ -298,38 +311,26 @@ impl Scaler {
         Ok(meta.annotations.unwrap_or_default())
     }
 
-    async fn remember(&self, t: &Target, replicas: i32) -> Result<(), ScaleError> {
-        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        let patch =
-            Patch::Merge(json!({ "metadata": { "annotations": { REMEMBERED_REPLICAS: replicas.to_string() } } }));
-        match t.kind {
-            WorkloadKind::Deployment => {
-                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch)).await?;
-            }
-            WorkloadKind::StatefulSet => {
-                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "", || api.patch(&t.workload, &params, &patch)).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Scales up: to `replicas`, else to the remembered count (1 when unknown). A workload
+    /// Scales up: to `replicas`, else to the count `memory` kept at the last stop (or, for a
+    /// workload stopped by an earlier version, its annotation; 1 when unknown). A workload
     /// already running is left alone unless `replicas` differs.
-    pub async fn start(&self, t: &Target, replicas: Option<i32>) -> Result<Change, ScaleError> {
+    pub async fn start(
+        &self,
+        t: &Target,
+        replicas: Option<i32>,
+        memory: &dyn ReplicaMemory,
+    ) -> Result<Change, ScaleError> {
         let current = self.spec_replicas(t).await?;
         let wanted = match replicas {
             Some(n) => n,
             None if current > 0 => return Ok(Change::Unchanged { replicas: current }),
-            None => self
-                .annotations(t)
-                .await?
-                .get(REMEMBERED_REPLICAS)
-                .and_then(|v| v.parse::<i32>().ok())
-                .filter(|n| *n >= 1)
-                .unwrap_or(1)
-                .min(t.max_replicas),
+            None => {
+                let remembered = match memory.recall(t).map_err(ScaleError::Memory)? {
+                    Some(n) => Some(n),
+                    None => self.annotations(t).await?.get(REMEMBERED_REPLICAS).and_then(|v| v.parse::<i32>().ok()),
+                };
+                remembered.filter(|n| *n >= 1).unwrap_or(1).min(t.max_replicas)
+            }
         };
         if wanted == current {
             return Ok(Change::Unchanged { replicas: current });
@@ -338,13 +339,13 @@ impl Scaler {
         Ok(Change::Scaled { from: current, to: wanted })
     }
 
-    /// Scales to zero, first remembering the current count on the workload.
-    pub async fn stop(&self, t: &Target) -> Result<Change, ScaleError> {
+    /// Scales to zero, first keeping the current count in `memory`.
+    pub async fn stop(&self, t: &Target, memory: &dyn ReplicaMemory) -> Result<Change, ScaleError> {
         let current = self.spec_replicas(t).await?;
         if current == 0 {
             return Ok(Change::Unchanged { replicas: 0 });
         }
-        self.remember(t, current).await?;
+        memory.remember(t, current).map_err(ScaleError::Memory)?;
         self.patch_scale(t, 0).await?;
         Ok(Change::Scaled { from: current, to: 0 })
     }

@@ -8,6 +8,23 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+impl crate::scaler::ReplicaMemory for Store {
+    fn recall(&self, t: &crate::config::Target) -> Result<Option<i32>, String> {
+        let value = self.get(&replicas_key(t)).map_err(|e| e.to_string())?;
+        Ok(value.and_then(|v| v.parse().ok()))
+    }
+
+    fn remember(&self, t: &crate::config::Target, replicas: i32) -> Result<(), String> {
+        self.set(&replicas_key(t), &replicas.to_string()).map_err(|e| e.to_string())
+    }
+}
+
+/// The key of a workload's count to restore: the workload itself, not the target's name, so
+/// renaming a target keeps it.
+fn replicas_key(t: &crate::config::Target) -> String {
+    format!("replicas-before-stop/{}/{}/{}", t.kind, t.namespace, t.workload)
+}
+
 /// Errors of the state database.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -176,6 +193,16 @@ CREATE TABLE IF NOT EXISTS rollouts (
     target TEXT NOT NULL,
     up INTEGER NOT NULL,
     started_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS megolm_seen (
+    session_id TEXT NOT NULL,
+    message_index INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (session_id, message_index)
+);
+CREATE TABLE IF NOT EXISTS encrypted_rooms (
+    room_id TEXT PRIMARY KEY
 );
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
@@ -367,6 +394,45 @@ impl Store {
         Ok(())
     }
 
+    /// Records that the ciphertext at (`session_id`, `index`) came as `event_id`. Returns the
+    /// event id it came as first: another id than `event_id` means the ciphertext is replayed.
+    /// Kept for good (not pruned): the outer event's timestamp is not authenticated, so an old
+    /// ciphertext is as dangerous as a new one.
+    pub fn first_event_at_megolm_index(
+        &self,
+        session_id: &str,
+        index: u32,
+        event_id: &str,
+        now_ms: i64,
+    ) -> Result<String, StoreError> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO megolm_seen (session_id, message_index, event_id, seen_ms) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![session_id, index, event_id, now_ms])?;
+        Ok(conn
+            .prepare_cached("SELECT event_id FROM megolm_seen WHERE session_id = ?1 AND message_index = ?2")?
+            .query_row(params![session_id, index], |r| r.get(0))?)
+    }
+
+    /// Remembers that `room` is encrypted (for good: Matrix cannot turn encryption off).
+    pub fn mark_room_encrypted(&self, room_id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached("INSERT OR IGNORE INTO encrypted_rooms (room_id) VALUES (?1)")?
+            .execute([room_id])?;
+        Ok(())
+    }
+
+    /// Whether `room` was seen encrypted, by this process or an earlier one.
+    pub fn is_room_encrypted(&self, room_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT 1 FROM encrypted_rooms WHERE room_id = ?1")?
+            .query_row([room_id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     /// A stored value.
     pub fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self.conn().query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0)).optional()?)
@@ -516,6 +582,63 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.transaction_seen("t1", "h-t1").unwrap(), TransactionSeen::Retry);
         assert_eq!(s.pending_jobs(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_megolm_position_belongs_to_the_first_event_id_it_came_as_even_after_pruning_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.first_event_at_megolm_index("sess", 7, "$first", 0).unwrap(), "$first");
+            assert_eq!(s.first_event_at_megolm_index("sess", 7, "$first", 1).unwrap(), "$first", "a retry");
+            assert_eq!(s.first_event_at_megolm_index("sess", 8, "$next", 2).unwrap(), "$next");
+            s.prune(i64::MAX).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.first_event_at_megolm_index("sess", 7, "$replayed", 3).unwrap(), "$first");
+        assert_eq!(s.first_event_at_megolm_index("other", 7, "$other", 3).unwrap(), "$other");
+    }
+
+    #[test]
+    fn a_room_seen_encrypted_stays_encrypted_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert!(!s.is_room_encrypted("!r:x").unwrap());
+            s.mark_room_encrypted("!r:x").unwrap();
+            s.mark_room_encrypted("!r:x").unwrap();
+            s.prune(i64::MAX).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.is_room_encrypted("!r:x").unwrap());
+        assert!(!s.is_room_encrypted("!other:x").unwrap());
+    }
+
+    #[test]
+    fn the_count_to_restore_is_kept_per_workload_across_reopening() {
+        use crate::{
+            config::{Target, WorkloadKind},
+            scaler::ReplicaMemory,
+        };
+        let target = |kind, workload: &str| Target {
+            name: "web".into(),
+            kind,
+            namespace: "apps".into(),
+            workload: workload.into(),
+            max_replicas: 10,
+            allowed_users: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.recall(&target(WorkloadKind::Deployment, "web")).unwrap(), None);
+            s.remember(&target(WorkloadKind::Deployment, "web"), 3).unwrap();
+            s.remember(&target(WorkloadKind::Deployment, "web"), 4).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.recall(&target(WorkloadKind::Deployment, "web")).unwrap(), Some(4));
+        assert_eq!(s.recall(&target(WorkloadKind::StatefulSet, "web")).unwrap(), None, "another kind");
+        assert_eq!(s.recall(&target(WorkloadKind::Deployment, "db")).unwrap(), None, "another workload");
     }
 
     #[test]

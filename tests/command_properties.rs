@@ -211,6 +211,13 @@ proptest! {
     }
 
     #[test]
+    fn in_a_group_room_a_text_not_addressed_to_the_bot_is_never_a_command(text in any_text()) {
+        let (parsed, to_bot) = read(&text, &names(), Addressed::ToRoom, false);
+        prop_assert!(to_bot || parsed == Parsed::NotACommand, "{:?} read as {:?}", text, parsed);
+        prop_assert!(!to_bot || may_address_the_bot(&normalize(&text).to_lowercase()), "{:?}", text);
+    }
+
+    #[test]
     fn chatter_that_does_not_start_with_a_command_word_is_never_a_command_in_a_group_room(
         first in "[a-z']{1,12}",
         rest in any_text(),

@@ -75,8 +75,8 @@ fn body(event: &Value) -> &str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_remembers_the_count_and_start_restores_it_with_exactly_one_patch() {
-    let s = stack(3).await;
+async fn stop_remembers_the_count_and_start_restores_it_after_a_restart_with_exactly_one_patch() {
+    let mut s = stack(3).await;
     let alice = s.user("alice").await;
     let room = s.dm(&alice).await;
 
@@ -87,10 +87,21 @@ async fn stop_remembers_the_count_and_start_restores_it_with_exactly_one_patch()
     assert_eq!(replies[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], stop.as_str());
     assert!(replies[0]["content"]["formatted_body"].is_string());
     assert_eq!(s.scale_patches(), [json!({"spec":{"replicas":0}})]);
+    let writes: Vec<_> = s
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| matches!(r.method.as_str(), "PATCH" | "PUT") && !r.path.ends_with("/scale"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(writes.is_empty(), "the workload object itself was written: {writes:?}");
     let annotations = s.api.annotations(WorkloadKind::Deployment, "clawdbot", "clawdbot").unwrap();
-    assert_eq!(annotations.get("matrix-k8s-toggle/replicas-before-stop").map(String::as_str), Some("3"));
+    assert!(!annotations.contains_key("matrix-k8s-toggle/replicas-before-stop"), "{annotations:?}");
     let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
     assert!(body(&replies[1]).starts_with("clawdbot is off after"), "{}", body(&replies[1]));
+    // NB: the count to restore lives in the bridge's state, which outlives the process.
+    s.bridge.terminate();
+    s.bridge.start_again().await;
 
     alice.send_text(&room, "status").await;
     let replies = alice.wait_for_messages(&room, BOT, 3, WAIT).await;
@@ -124,8 +135,7 @@ async fn a_user_who_is_not_allowed_causes_no_patch_and_no_reply_and_their_invite
     alice.send_text(&room, "!toggle status").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
     assert!(body(&replies[0]).starts_with("clawdbot is running"), "{}", body(&replies[0]));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(alice.messages_from(&room, BOT).await.len(), 1, "only alice's command is answered");
+    assert_eq!(replies.len(), 1, "only alice's command is answered");
     assert!(s.scale_patches().is_empty());
 
     let own = mallory.create_room(&[BOT], false).await;
@@ -142,11 +152,57 @@ async fn chatter_in_a_group_room_gets_no_answer() {
     bob.join(&room).await;
     alice.send_text(&room, "good morning everyone").await;
     alice.send_text(&room, "stop the music please").await;
+    // NB: said to bob, not to the bot: in a room with more than one person it must be addressed.
+    alice.send_text(&room, "stop").await;
+    alice.send_text(&room, "status").await;
     alice.send_text(&room, "!toggle list").await;
+    // NB: a room's messages are handled in order: the first answer is to the last message.
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
     assert!(body(&replies[0]).starts_with("Targets:"), "{}", body(&replies[0]));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(alice.messages_from(&room, BOT).await.len(), 1);
+    assert!(s.scale_patches().is_empty(), "a bare stop said in a group room ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_bare_commands_always_a_bare_command_in_a_group_room_is_obeyed_as_by_the_old_bot() {
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 1);
+    let s = stack_with(|s, _| s.env("BARE_COMMANDS", "always"), api).await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(&[BOT, &bob.user_id], false).await;
+    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
+    bob.join(&room).await;
+    alice.send_text(&room, "stop the music please").await;
+    alice.send_text(&room, "stop").await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    assert!(body(&replies[0]).starts_with("clawdbot is stopping: 1 → 0"), "{}", body(&replies[0]));
+    assert_eq!(s.scale_patches(), [json!({"spec": {"replicas": 0}})]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_encryption_a_command_in_an_unencrypted_room_is_refused_with_one_notice_an_hour() {
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 1);
+    let s = stack_with(|s, _| s.env("REQUIRE_ENCRYPTION", "true"), api).await;
+    let alice = s.user("alice").await;
+    let room = s.dm(&alice).await;
+    alice.send_text(&room, "stop").await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    assert!(
+        body(&replies[0]).contains("commands must be encrypted (REQUIRE_ENCRYPTION=true)"),
+        "{}",
+        body(&replies[0])
+    );
+    alice.send_text(&room, "stop").await;
+    // NB: the second refusal is counted before its notice would be sent, and its job is done
+    // only after that send: both together mean it was handled.
+    support::eventually(WAIT, "the second plaintext command to be handled", || async {
+        let refused = s.bridge.metric("matrix_k8s_toggle_errors_total{kind=\"plaintext_command\"}").await;
+        let waiting = s.bridge.metric("matrix_k8s_toggle_queue_depth").await;
+        (refused == 2.0 && waiting == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(alice.messages_from(&room, BOT).await.len(), 1, "a second notice within the hour");
     assert!(s.scale_patches().is_empty());
 }
 

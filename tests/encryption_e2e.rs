@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use matrix_sdk::ruma::{OwnedUserId, user_id};
+use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, user_id};
 use serde_json::{Value, json};
 use support::{
     bridge::{BridgeProcess, BridgeSetup, tokens},
@@ -177,8 +177,8 @@ async fn a_member_who_joins_later_reads_the_next_reply_and_a_stranger_in_the_roo
     let seen_by_bob = bob.wait_for_messages(&room, &bot(), 1).await;
     assert!(seen_by_bob.iter().any(|r| r.body.starts_with("clawdbot is off") && r.encrypted), "{seen_by_bob:?}");
 
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(alice.received_from(&room, &bot()).len(), 2, "bob's command got an answer");
+    // NB: a room's events are handled in order: had bob's command been answered, its answer
+    // would have come before this one.
     assert!(s.scale_patches().is_empty(), "bob's command was run");
 }
 
@@ -442,43 +442,123 @@ async fn under_the_cross_signed_policy_a_device_its_owner_did_not_verify_is_refu
     assert!(s.scale_patches().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_encrypted_event_replayed_under_another_senders_name_is_refused() {
-    let s = stack_with(false, &[("ALLOWED_USERS", "@alice:localhost,@bob:localhost")]).await;
-    let alice = s.person("alice", "1").await;
-    let room = encrypted_room_with_bot(&alice).await;
-    let original = alice.send_text(&room, "start").await;
-    alice.wait_for_messages(&room, &bot(), 2).await;
-    assert_eq!(s.scale_patches().len(), 1);
-    s.api.clear_requests();
-    alice.send_text(&room, "stop").await;
-    alice.wait_for_messages(&room, &bot(), 4).await;
-    assert_eq!(s.scale_patches().len(), 1);
-
-    let token = alice.client.access_token().unwrap();
+/// The event `event_id` of `room` as the homeserver holds it, read by `reader`.
+async fn event_as_stored(s: &Stack, reader: &E2eeClient, room: &RoomId, event_id: &EventId) -> Value {
     let url = format!(
         "{}/_matrix/client/v3/rooms/{}/event/{}",
         s.synapse.url,
         support::client::enc(room.as_str()),
-        support::client::enc(original.as_str())
+        support::client::enc(event_id.as_str())
     );
-    let mut event: Value =
-        reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap();
-    assert_eq!(event["type"], "m.room.encrypted");
-    event["sender"] = json!("@bob:localhost");
-    event["event_id"] = json!("$forged-start-by-bob");
+    let token = reader.client.access_token().unwrap();
+    reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+}
+
+/// Pushes `events` to the bridge as someone holding the hs_token can.
+async fn push_as_homeserver(s: &Stack, txn_id: &str, events: Vec<Value>) {
     let resp = reqwest::Client::new()
-        .put(format!("{}/_matrix/app/v1/transactions/forged-1", s.bridge.url))
+        .put(format!("{}/_matrix/app/v1/transactions/{txn_id}", s.bridge.url))
         .bearer_auth(&s.hs_token)
-        .json(&json!({ "events": [event] }))
+        .json(&json!({ "events": events }))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(s.scale_patches().len(), 1, "the replayed start ran");
-    let answers = alice.received_from(&room, &bot());
-    assert_eq!(answers.len(), 4, "the forged event got an answer: {answers:?}");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Alice in an encrypted room with the bot, after `start` and `stop` (two PATCHes, four
+/// answers); returns the `start` event's id.
+async fn alice_started_and_stopped(s: &Stack) -> (E2eeClient, OwnedRoomId, OwnedEventId) {
+    let alice = s.person("alice", "1").await;
+    let room = encrypted_room_with_bot(&alice).await;
+    let start = alice.send_text(&room, "start").await;
+    alice.wait_for_messages(&room, &bot(), 2).await;
+    alice.send_text(&room, "stop").await;
+    alice.wait_for_messages(&room, &bot(), 4).await;
+    assert_eq!(s.scale_patches().len(), 2);
+    (alice, room, start)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_event_replayed_under_another_senders_name_is_refused() {
+    let s = stack_with(false, &[("ALLOWED_USERS", "@alice:localhost,@bob:localhost")]).await;
+    let (alice, room, start) = alice_started_and_stopped(&s).await;
+    let mut event = event_as_stored(&s, &alice, &room, &start).await;
+    assert_eq!(event["type"], "m.room.encrypted");
+    event["sender"] = json!("@bob:localhost");
+    event["event_id"] = json!("$forged-start-by-bob");
+    push_as_homeserver(&s, "forged-1", vec![event]).await;
+
+    // NB: a room's events are handled in order: once this is answered, the forgery was handled.
+    alice.send_text(&room, "status").await;
+    let answers = alice.wait_for_messages(&room, &bot(), 5).await;
+    assert!(answers[4].body.starts_with("clawdbot is off"), "the forged start ran or was answered: {answers:?}");
+    assert_eq!(s.scale_patches().len(), 2, "the forged start ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_command_pushed_again_under_a_new_event_id_is_refused_and_logged() {
+    let s = stack(false).await;
+    let (alice, room, start) = alice_started_and_stopped(&s).await;
+    let mut event = event_as_stored(&s, &alice, &room, &start).await;
+    assert_eq!(event["type"], "m.room.encrypted");
+    assert_eq!(event["sender"], "@alice:localhost");
+    event["event_id"] = json!("$replayed-start");
+    event["origin_server_ts"] = json!(now_ms());
+    event["unsigned"] = json!({});
+    push_as_homeserver(&s, "replay-1", vec![event]).await;
+
+    alice.send_text(&room, "status").await;
+    let answers = alice.wait_for_messages(&room, &bot(), 5).await;
+    assert!(answers[4].body.starts_with("clawdbot is off"), "the replayed start ran or was answered: {answers:?}");
+    assert_eq!(s.scale_patches().len(), 2, "the replayed start scaled the workload up again");
+    assert_eq!(s.bridge.metric("matrix_k8s_toggle_errors_total{kind=\"replayed_event\"}").await, 1.0);
+    let log = s.bridge.log();
+    let line = log.lines().find(|l| l.contains("refusing a replayed ciphertext")).expect("a warning for the replay");
+    assert!(line.contains("WARN") && line.contains(start.as_str()), "{line}");
+}
+
+/// A plaintext `m.room.message` under `sender`'s name, as someone holding the hs_token can write it.
+fn plaintext_message(room: &RoomId, sender: &str, event_id: &str, body: &str) -> Value {
+    json!({
+        "type": "m.room.message",
+        "room_id": room,
+        "sender": sender,
+        "event_id": event_id,
+        "origin_server_ts": now_ms(),
+        "content": { "msgtype": "m.text", "body": body },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_command_in_an_encrypted_room_is_refused_with_one_notice_an_hour_also_after_a_restart() {
+    let mut s = stack(false).await;
+    let (alice, room) = alice_answered_in_an_encrypted_room(&s).await;
+    let forged = |id: &str| plaintext_message(&room, "@alice:localhost", id, "start");
+    push_as_homeserver(&s, "plain-1", vec![forged("$plain-start-1"), forged("$plain-start-2")]).await;
+    alice.send_text(&room, "status").await;
+    let answers = alice.wait_for_messages(&room, &bot(), 3).await;
+    assert!(
+        answers[1].body.starts_with("Not run: this command came unencrypted into an encrypted room"),
+        "{answers:?}"
+    );
+    assert!(answers[2].body.starts_with("clawdbot is off"), "one notice for two plaintext commands: {answers:?}");
+    assert!(s.scale_patches().is_empty(), "a plaintext start ran");
+    assert_eq!(s.bridge.metric("matrix_k8s_toggle_errors_total{kind=\"plaintext_command\"}").await, 2.0);
+
+    // NB: after a restart the room's encryption must be known before the first event is read.
+    s.bridge.terminate();
+    s.bridge.start_again().await;
+    push_as_homeserver(&s, "plain-2", vec![forged("$plain-start-3")]).await;
+    alice.send_text(&room, "status").await;
+    let answers = alice.wait_for_messages(&room, &bot(), 5).await;
+    assert!(answers[3].body.starts_with("Not run: this command came unencrypted"), "{answers:?}");
+    assert!(answers[4].body.starts_with("clawdbot is off"), "{answers:?}");
+    assert!(s.scale_patches().is_empty(), "a plaintext start ran after the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -375,6 +375,29 @@ fn the_role_grants_exactly_what_the_scaler_uses() {
 }
 
 #[test]
+fn the_role_cannot_write_the_workload_object_itself_only_its_scale() {
+    let role: Role = Manifests::from_resource_files().one();
+    for rule in role.rules.unwrap_or_default() {
+        for resource in rule.resources.as_deref().unwrap_or_default() {
+            if resource.ends_with("/scale") {
+                continue;
+            }
+            for verb in &rule.verbs {
+                assert!(
+                    !matches!(verb.as_str(), "patch" | "update" | "create" | "delete" | "deletecollection"),
+                    "`{verb}` on `{resource}` could rewrite the pod template"
+                );
+            }
+        }
+    }
+    for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet] {
+        for (verb, resource) in permissions_needed(kind) {
+            assert!(verb != "patch" || resource.ends_with("/scale"), "the scaler needs `{verb}` on `{resource}`");
+        }
+    }
+}
+
+#[test]
 fn every_rule_names_the_target() {
     let m = Manifests::from_resource_files();
     let role: Role = m.one();
@@ -541,8 +564,8 @@ fn the_registration_url_the_service_and_the_container_agree_on_the_port() {
         selects_pod(&policy.pod_selector.unwrap().match_labels.unwrap_or_default()),
         "the NetworkPolicy selects the pod"
     );
-    assert_eq!(policy.policy_types, Some(vec!["Ingress".to_owned()]));
-    let ingress = policy.ingress.unwrap_or_default();
+    assert_eq!(policy.policy_types, Some(vec!["Ingress".to_owned(), "Egress".to_owned()]));
+    let ingress = policy.ingress.clone().unwrap_or_default();
     assert_eq!(ingress.len(), 1, "one ingress rule: from Synapse");
     let rule = &ingress[0];
     let ports: Vec<i32> = rule.ports.iter().flatten().map(|p| resolve(&c, p.port.as_ref().unwrap())).collect();
@@ -550,11 +573,67 @@ fn the_registration_url_the_service_and_the_container_agree_on_the_port() {
     let from = rule.from.as_deref().unwrap_or_default();
     assert!(!from.is_empty(), "the NetworkPolicy names who may connect");
     for peer in from {
-        let ns = peer.namespace_selector.as_ref().expect("peers are namespaces");
-        let labels = ns.match_labels.as_ref().expect("selected by label");
-        assert!(labels.contains_key("kubernetes.io/metadata.name"), "by the namespace's name label");
-        assert!(peer.pod_selector.is_none() && peer.ip_block.is_none());
+        assert_synapse_pods(peer);
     }
+}
+
+/// A peer that is Synapse's pods: a pod selector within a namespace selected by name.
+fn assert_synapse_pods(peer: &k8s_openapi::api::networking::v1::NetworkPolicyPeer) {
+    let ns = peer.namespace_selector.as_ref().expect("a namespace selector");
+    let labels = ns.match_labels.as_ref().expect("selected by label");
+    assert!(labels.contains_key("kubernetes.io/metadata.name"), "by the namespace's name label");
+    let pods = peer.pod_selector.as_ref().expect("Synapse's pods, not the whole namespace");
+    assert!(!pods.match_labels.clone().unwrap_or_default().is_empty(), "pods selected by label");
+    assert!(peer.ip_block.is_none());
+}
+
+#[test]
+fn egress_goes_only_to_dns_synapse_and_the_api_server_ports() {
+    let m = Manifests::from_resource_files();
+    let policy: NetworkPolicy = m.one();
+    let egress = policy.spec.unwrap().egress.unwrap_or_default();
+    let ports = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyEgressRule| -> BTreeSet<(String, i32)> {
+        rule.ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                let port = match p.port.as_ref().expect("every egress rule names its ports") {
+                    IntOrString::Int(n) => *n,
+                    IntOrString::String(s) => panic!("named port {s} in an egress rule"),
+                };
+                (p.protocol.clone().unwrap_or_else(|| "TCP".into()), port)
+            })
+            .collect()
+    };
+    assert_eq!(egress.len(), 3, "DNS, Synapse and the API server: {egress:?}");
+    let dns = &egress[0];
+    assert_eq!(ports(dns), BTreeSet::from([("TCP".into(), 53), ("UDP".into(), 53)]));
+    let dns_peer = &dns.to.as_deref().expect("DNS is named")[0];
+    assert_eq!(
+        dns_peer.namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"],
+        "kube-system"
+    );
+    let synapse = &egress[1];
+    let homeserver = url::Url::parse(&environment(&m)["MATRIX_HOMESERVER"]).unwrap();
+    let homeserver_port = homeserver.port_or_known_default().unwrap() as i32;
+    assert_eq!(ports(synapse), BTreeSet::from([("TCP".into(), homeserver_port)]), "MATRIX_HOMESERVER's port");
+    for peer in synapse.to.as_deref().expect("Synapse is named") {
+        assert_synapse_pods(peer);
+    }
+    let api_server = &egress[2];
+    assert_eq!(ports(api_server), BTreeSet::from([("TCP".into(), 443), ("TCP".into(), 6443)]));
+
+    let ingress_peer = &policy_ingress_peers(&m)[0];
+    assert_eq!(
+        &synapse.to.as_deref().unwrap()[0],
+        ingress_peer,
+        "pushes come from, and calls go to, the same Synapse pods"
+    );
+}
+
+fn policy_ingress_peers(m: &Manifests) -> Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer> {
+    let policy: NetworkPolicy = m.one();
+    policy.spec.unwrap().ingress.unwrap_or_default().remove(0).from.unwrap_or_default()
 }
 
 #[test]

@@ -1,13 +1,13 @@
 //! The exact requests the scaler sends (kube-rs over a `tower-test` mock service): path,
 //! query, content type and body of every call, and how API errors become messages.
 
-use std::time::Duration;
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use http::{Request, Response};
 use kube::{Client, client::Body};
 use matrix_k8s_toggle::{
     config::{Target, WorkloadKind},
-    scaler::{Change, RetryPolicy, ScaleError, Scaler},
+    scaler::{Change, ReplicaMemory, RetryPolicy, ScaleError, Scaler},
 };
 use serde_json::{Value, json};
 use tower_test::mock::{Handle, pair};
@@ -29,6 +29,42 @@ fn scaler() -> (Scaler, ApiHandle) {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     (Scaler::new(client, RetryPolicy { attempts: 3, first_delay: Duration::from_millis(1) }), handle)
+}
+
+/// The bridge's own record of counts to restore, in memory; `broken` makes every call fail.
+#[derive(Default)]
+struct Memory {
+    counts: Mutex<HashMap<String, i32>>,
+    broken: bool,
+}
+
+impl Memory {
+    fn with(workload: &str, replicas: i32) -> Self {
+        let memory = Memory::default();
+        memory.counts.lock().unwrap().insert(workload.into(), replicas);
+        memory
+    }
+
+    fn count(&self, workload: &str) -> Option<i32> {
+        self.counts.lock().unwrap().get(workload).copied()
+    }
+}
+
+impl ReplicaMemory for Memory {
+    fn recall(&self, t: &Target) -> Result<Option<i32>, String> {
+        if self.broken {
+            return Err("disk I/O error".into());
+        }
+        Ok(self.count(&t.workload))
+    }
+
+    fn remember(&self, t: &Target, replicas: i32) -> Result<(), String> {
+        if self.broken {
+            return Err("disk I/O error".into());
+        }
+        self.counts.lock().unwrap().insert(t.workload.clone(), replicas);
+        Ok(())
+    }
 }
 
 /// One expected request and the answer to give.
@@ -62,11 +98,18 @@ fn failing(mut step: Step, status: u16, answer: Value) -> Step {
     step
 }
 
-/// Serves `steps` in order, asserting each request; panics on anything unexpected.
+/// How long a step waits for its request before the test fails (instead of hanging).
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `steps` in order, asserting each request; panics on anything unexpected, and when an
+/// expected request does not come.
 fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for (i, step) in steps.into_iter().enumerate() {
-            let (request, send) = handle.next_request().await.unwrap_or_else(|| panic!("step {i}: no request came"));
+            let (request, send) = tokio::time::timeout(STEP_TIMEOUT, handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("step {i}: no {} {} came", step.method, step.path_and_query))
+                .unwrap_or_else(|| panic!("step {i}: no request came"));
             assert_eq!(request.method().as_str(), step.method, "step {i}");
             let pq = request.uri().path_and_query().unwrap().as_str().to_owned();
             assert_eq!(pq, step.path_and_query, "step {i}");
@@ -110,26 +153,51 @@ fn status_body(code: u16, reason: &str, message: &str) -> Value {
 }
 
 #[tokio::test]
-async fn stop_remembers_the_count_on_the_workload_then_merge_patches_the_scale_to_zero() {
+async fn stop_keeps_the_count_in_the_bridges_memory_and_patches_only_the_scale_subresource() {
     let (scaler, handle) = scaler();
     let api = serve(
         handle,
         vec![
             get(&format!("{DEPLOY}/scale"), scale(3)),
-            merge_patch(
-                DEPLOY,
-                json!({"metadata":{"annotations":{"matrix-k8s-toggle/replicas-before-stop":"3"}}}),
-                deployment(json!({})),
-            ),
             merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":0}}), scale(0)),
         ],
     );
-    assert_eq!(scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap(), Change::Scaled { from: 3, to: 0 });
+    let memory = Memory::default();
+    let change = scaler.stop(&target(WorkloadKind::Deployment), &memory).await.unwrap();
+    assert_eq!(change, Change::Scaled { from: 3, to: 0 });
+    assert_eq!(memory.count("clawdbot"), Some(3));
     api.await.unwrap();
 }
 
 #[tokio::test]
-async fn start_restores_the_remembered_count_with_one_patch() {
+async fn a_stop_whose_count_cannot_be_kept_changes_nothing() {
+    let (scaler, handle) = scaler();
+    let api = serve(handle, vec![get(&format!("{DEPLOY}/scale"), scale(3))]);
+    let memory = Memory { broken: true, ..Memory::default() };
+    let err = scaler.stop(&target(WorkloadKind::Deployment), &memory).await.unwrap_err();
+    assert!(matches!(&err, ScaleError::Memory(_)), "{err:?}");
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+    api.await.unwrap();
+}
+
+#[tokio::test]
+async fn start_restores_the_count_the_bridge_kept_with_one_patch_and_no_read_of_the_workload() {
+    let (scaler, handle) = scaler();
+    let api = serve(
+        handle,
+        vec![
+            get(&format!("{DEPLOY}/scale"), scale(0)),
+            merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":3}}), scale(3)),
+        ],
+    );
+    let memory = Memory::with("clawdbot", 3);
+    let change = scaler.start(&target(WorkloadKind::Deployment), None, &memory).await.unwrap();
+    assert_eq!(change, Change::Scaled { from: 0, to: 3 });
+    api.await.unwrap();
+}
+
+#[tokio::test]
+async fn start_of_a_workload_stopped_by_an_earlier_version_restores_the_count_in_its_annotation() {
     let (scaler, handle) = scaler();
     let api = serve(
         handle,
@@ -139,7 +207,8 @@ async fn start_restores_the_remembered_count_with_one_patch() {
             merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":3}}), scale(3)),
         ],
     );
-    assert_eq!(scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap(), Change::Scaled { from: 0, to: 3 });
+    let change = scaler.start(&target(WorkloadKind::Deployment), None, &Memory::default()).await.unwrap();
+    assert_eq!(change, Change::Scaled { from: 0, to: 3 });
     api.await.unwrap();
 }
 
@@ -154,7 +223,8 @@ async fn start_without_a_remembered_count_scales_to_one() {
             merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":1}}), scale(1)),
         ],
     );
-    assert_eq!(scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap(), Change::Scaled { from: 0, to: 1 });
+    let change = scaler.start(&target(WorkloadKind::Deployment), None, &Memory::default()).await.unwrap();
+    assert_eq!(change, Change::Scaled { from: 0, to: 1 });
     api.await.unwrap();
 }
 
@@ -162,7 +232,10 @@ async fn start_without_a_remembered_count_scales_to_one() {
 async fn start_of_a_running_workload_sends_no_patch() {
     let (scaler, handle) = scaler();
     let api = serve(handle, vec![get(&format!("{DEPLOY}/scale"), scale(2))]);
-    assert_eq!(scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap(), Change::Unchanged { replicas: 2 });
+    assert_eq!(
+        scaler.start(&target(WorkloadKind::Deployment), None, &Memory::default()).await.unwrap(),
+        Change::Unchanged { replicas: 2 }
+    );
     api.await.unwrap();
 }
 
@@ -176,7 +249,7 @@ async fn a_statefulset_is_scaled_through_its_own_scale_subresource() {
             merge_patch(&format!("{STS}/scale"), json!({"spec":{"replicas":2}}), scale(2)),
         ],
     );
-    let change = scaler.start(&target(WorkloadKind::StatefulSet), Some(2)).await.unwrap();
+    let change = scaler.start(&target(WorkloadKind::StatefulSet), Some(2), &Memory::default()).await.unwrap();
     assert_eq!(change, Change::Scaled { from: 0, to: 2 });
     api.await.unwrap();
 }
@@ -197,7 +270,7 @@ async fn a_forbidden_patch_names_the_verb_and_resource_the_service_account_lacks
             ),
         ],
     );
-    let err = scaler.start(&target(WorkloadKind::Deployment), None).await.unwrap_err();
+    let err = scaler.start(&target(WorkloadKind::Deployment), None, &Memory::default()).await.unwrap_err();
     assert!(
         matches!(&err, ScaleError::Forbidden { verb: "patch", resource, .. } if resource == "deployments/scale"),
         "{err:?}"
@@ -217,7 +290,7 @@ async fn a_missing_workload_is_named() {
             status_body(404, "NotFound", "deployments.apps \"clawdbot\" not found"),
         )],
     );
-    let err = scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap_err();
+    let err = scaler.stop(&target(WorkloadKind::Deployment), &Memory::default()).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "Deployment clawdbot/clawdbot does not exist: check the target's namespace and workload name"
@@ -236,7 +309,10 @@ async fn unavailable_answers_are_retried_then_succeed() {
             get(&format!("{DEPLOY}/scale"), scale(0)),
         ],
     );
-    assert_eq!(scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap(), Change::Unchanged { replicas: 0 });
+    assert_eq!(
+        scaler.stop(&target(WorkloadKind::Deployment), &Memory::default()).await.unwrap(),
+        Change::Unchanged { replicas: 0 }
+    );
     api.await.unwrap();
 }
 
@@ -245,7 +321,7 @@ async fn unavailable_answers_are_reported_after_the_last_attempt() {
     let (scaler, handle) = scaler();
     let fail = || failing(get(&format!("{DEPLOY}/scale"), json!({})), 500, status_body(500, "InternalError", "boom"));
     let api = serve(handle, vec![fail(), fail(), fail()]);
-    let err = scaler.stop(&target(WorkloadKind::Deployment)).await.unwrap_err();
+    let err = scaler.stop(&target(WorkloadKind::Deployment), &Memory::default()).await.unwrap_err();
     assert!(matches!(err, ScaleError::Unavailable(_, 3)), "{err:?}");
     api.await.unwrap();
 }

@@ -19,13 +19,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let names = BotNames::new("@toggle:example.org", "Kubernetes toggle");
-    let addressed = if flags & 1 == 0 { Addressed::ToRoom } else { Addressed::ToBot };
+    let addressed = match flags & 5 {
+        0 => Addressed::ToRoom,
+        4 => Addressed::ToRoomBare,
+        _ => Addressed::ToBot,
+    };
     let mentioned = flags & 2 != 0;
 
     let (parsed, to_bot) = read(text, &names, addressed, mentioned);
 
     if addressed == Addressed::ToBot || mentioned {
         assert!(to_bot, "a DM or a mention is always to the bot: {text:?}");
+    }
+    if addressed == Addressed::ToRoom && !to_bot {
+        assert_eq!(parsed, Parsed::NotACommand, "an unaddressed message in a group room is chatter: {text:?}");
     }
     if matches!(parsed, Parsed::Invalid(_)) {
         assert!(to_bot, "an argument error is only reported when addressed: {text:?}");
