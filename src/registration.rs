@@ -166,6 +166,13 @@ impl Registration {
         if self.as_token.expose().len() < 16 || self.hs_token.expose().len() < 16 {
             return Err("`as_token` and `hs_token` must be at least 16 characters; generate new ones with `matrix-k8s-toggle generate-registration`".into());
         }
+        for (key, token) in [("as_token", self.as_token.expose()), ("hs_token", self.hs_token.expose())] {
+            if is_placeholder(token) {
+                return Err(format!(
+                    "`{key}` is a placeholder from the example registration, which anyone can read; generate a registration with fresh tokens: `matrix-k8s-toggle generate-registration --url <where Synapse reaches the bridge> --server-name <server name> -o registration.yaml`, and give the same file to Synapse"
+                ));
+            }
+        }
         if self.as_token.expose() == self.hs_token.expose() {
             return Err("`as_token` and `hs_token` must differ".into());
         }
@@ -191,6 +198,14 @@ impl Registration {
     }
 }
 
+/// Whether a token is one of the example files' placeholders rather than a secret.
+fn is_placeholder(token: &str) -> bool {
+    let lowered = token.to_ascii_lowercase();
+    ["replace", "changeme", "change-me", "change_me", "placeholder", "example", "your-token", "xxxxxxxx"]
+        .iter()
+        .any(|word| lowered.contains(word))
+}
+
 /// Escapes regex metacharacters (Synapse reads the namespace as a Python regex).
 fn regex_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 4);
@@ -210,6 +225,18 @@ pub fn parse_server_name(s: &str) -> Result<OwnedServerName, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_example_registrations_placeholder_tokens_are_refused_with_the_command_that_makes_real_ones() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("registration/example-registration.yaml");
+        let err = super::Registration::load(&path).unwrap_err().to_string();
+        assert!(err.contains("placeholder"), "{err}");
+        assert!(err.contains("matrix-k8s-toggle generate-registration"), "{err}");
+        for token in ["CHANGE_ME_0123456789abcdef", "replace-me-with-a-random-token"] {
+            assert!(super::is_placeholder(token), "{token}");
+        }
+        assert!(!super::is_placeholder("Qm9hcmQgZm9yIGEgZmV3IGhvdXJzIGFuZCBoYXBweQ"));
+    }
+
     use super::*;
 
     fn generated() -> Registration {

@@ -530,7 +530,8 @@ fn the_registration_url_the_service_and_the_container_agree_on_the_port() {
     let c = container(&deployment);
     let port = container_port(&c, "http");
 
-    let registration = Registration::load(&repo().join(EXAMPLE_REGISTRATION)).unwrap();
+    let (_dir, path) = example_registration_with_fresh_tokens();
+    let registration = Registration::load(&path).unwrap();
     let url = url::Url::parse(&registration.url).unwrap();
     let service_name = service.metadata.name.clone().unwrap();
     let service_namespace = service.metadata.namespace.clone().unwrap();
@@ -656,6 +657,18 @@ fn every_environment_variable_is_a_setting_the_bridge_reads() {
     assert_eq!(env["CRYPTO_STORE_PASSPHRASE"], format!("<from secret {SECRET}/crypto-store-passphrase>"));
 }
 
+/// The example registration as its reader would make it: the same file, with fresh tokens in
+/// place of its placeholders (which the bridge refuses).
+fn example_registration_with_fresh_tokens() -> (tempfile::TempDir, PathBuf) {
+    let mut example: serde_yaml::Value = serde_yaml::from_str(&read(&repo().join(EXAMPLE_REGISTRATION))).unwrap();
+    example["as_token"] = "3vQ1bX9kLm2Zp8Rt5Wy7Nc4Hd6Jf0Gs".into();
+    example["hs_token"] = "Tq7Lw2Xe9Kr4Mz1Vb6Np3Yh8Cj5Df0Ga".into();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registration.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&example).unwrap()).unwrap();
+    (dir, path)
+}
+
 #[test]
 fn the_settings_load_with_the_bridges_own_config_parser() {
     let m = Manifests::from_resource_files();
@@ -668,7 +681,8 @@ fn the_settings_load_with_the_bridges_own_config_parser() {
             "{key:?} is not an environment variable name (envFrom would export it anyway)"
         );
     }
-    env.insert("REGISTRATION_PATH".into(), repo().join(EXAMPLE_REGISTRATION).display().to_string());
+    let (_dir, registration) = example_registration_with_fresh_tokens();
+    env.insert("REGISTRATION_PATH".into(), registration.display().to_string());
     let config = Config::load(None, &env).unwrap_or_else(|e| panic!("deploy/configmap.yaml: {e}"));
     assert_eq!(config.state_dir, Path::new("/data"));
     assert_eq!(i32::from(config.listen_address.port()), container_port(&c, "http"));
