@@ -36,7 +36,7 @@ use crate::{
     clock::{SharedClock, SystemClock},
     commands::{self, Addressed, BotNames, Command, Parsed, Permission},
     config::{BareCommands, Config, RefusalMode, Target},
-    crypto::{CryptoCell, CryptoError, Decryption},
+    crypto::{Approval, CryptoCell, CryptoError, Decryption},
     matrix::{MatrixClient, MatrixError},
     metrics::{KindLabel, Metrics},
     policy::RateLimiter,
@@ -553,7 +553,9 @@ impl Bridge {
                             None,
                         )
                     }
-                    (None, Parsed::Command(cmd)) => self.execute(&cmd, message, to_bot, job).await,
+                    (None, Parsed::Command(cmd)) => {
+                        self.execute(&cmd, message, to_bot, job, encryption.is_some()).await
+                    }
                     (None, Parsed::Invalid(why)) => (Some(why), None),
                     (None, Parsed::NotACommand) => (
                         Some(format!(
@@ -667,6 +669,7 @@ impl Bridge {
         message: &OriginalRoomMessageEvent,
         to_bot: bool,
         job: &Job,
+        encrypted: bool,
     ) -> (Option<String>, Option<FollowUp>) {
         let sender = &message.sender;
         self.metrics.commands.get_or_create(&KindLabel { kind: cmd.name().into() }).inc();
@@ -674,7 +677,9 @@ impl Bridge {
         match cmd {
             Command::Help => return (Some(commands::help_text(&self.target_names())), None),
             Command::List => return (Some(self.list_text(sender)), None),
-            Command::Approve { user } => return (Some(self.approve(user).await), None),
+            Command::Approve { user, fingerprint } => {
+                return (Some(self.approve(sender, user, fingerprint, encrypted).await), None);
+            }
             _ => {}
         }
         let targets = match self.resolve(cmd, to_bot) {
@@ -767,19 +772,41 @@ impl Bridge {
         work.await
     }
 
-    async fn approve(&self, user: &str) -> String {
+    /// `approve @user KEY`: only another allowed user, in an encrypted message (whose device
+    /// the trust policy accepted before this runs), who may operate every target `user` may,
+    /// and who quotes the start of the new identity's key.
+    async fn approve(&self, approver: &UserId, user: &str, quoted: &str, encrypted: bool) -> String {
         let Ok(user) = <&UserId>::try_from(user) else {
             return format!("{user} is not a user id.");
         };
+        if !encrypted {
+            return "Not run: `approve` must be sent in an encrypted room, so I can tell it comes from you.".into();
+        }
+        if user == approver {
+            return "You cannot approve your own new identity: ask another allowed user to check its key with you and approve it.".into();
+        }
+        if !self.config.allowed_users.allows(user) {
+            return format!("{user} is not an allowed user; there is nothing to approve.");
+        }
+        let may_operate = |t: &Target, u: &UserId| t.allowed_users.as_ref().is_none_or(|l| l.allows(u));
+        if let Some(t) = self.config.targets.iter().find(|t| may_operate(t, user) && !may_operate(t, approver)) {
+            return format!("You may not approve {user}: they may operate {}, which you may not.", t.name);
+        }
         let Some(crypto) = self.crypto.get() else {
             return "Encryption is still being set up; try again in a moment.".into();
         };
-        match crypto.approve_identity(user).await {
-            Ok(true) => {
-                tracing::info!(user = %user, "approved a changed encryption identity");
+        match crypto.approve_identity(user, quoted).await {
+            Ok(Approval::Approved) => {
+                tracing::info!(user = %user, approver = %approver, "approved a changed encryption identity");
                 format!("Approved {user}'s new encryption identity; their commands work again.")
             }
-            Ok(false) => format!("{user} has no changed identity to approve."),
+            Ok(Approval::NothingToApprove) => format!("{user} has no changed identity to approve."),
+            Ok(Approval::KeyMismatch { key }) => {
+                tracing::warn!(user = %user, approver = %approver, "an approval quoted another key than the new identity's");
+                format!(
+                    "Not approved: {quoted} is not the start of {user}'s new identity key, which is {key}. Check it with them again."
+                )
+            }
             Err(e) => format!("⚠️ Could not approve {user}: {e}"),
         }
     }

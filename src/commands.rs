@@ -32,10 +32,13 @@ pub enum Command {
         /// The target (all when absent).
         target: Option<String>,
     },
-    /// Accept a user's changed encryption identity (trust policy `tofu`).
+    /// Accept a user's changed encryption identity, naming the start of its key.
     Approve {
         /// The user whose identity to accept.
         user: String,
+        /// The start of the new identity's master key (unpadded base64), as typed; at least
+        /// [`MIN_FINGERPRINT`] characters.
+        fingerprint: String,
     },
     /// List the targets.
     List,
@@ -117,8 +120,8 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "approve",
         aliases: &[],
-        args: "<@user:server>",
-        help: "accept a user's new encryption identity, after checking it with them",
+        args: "<@user:server> <key>",
+        help: "accept a user's new encryption identity after checking it with them; <key>: at least the first 8 characters of the key my refusal showed",
         permission: Permission::Operate,
     },
     CommandSpec { name: "help", aliases: &[], args: "", help: "show this help", permission: Permission::Query },
@@ -220,15 +223,27 @@ pub fn read(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool)
         return (Parsed::NotACommand, false);
     }
     let mut parsed = parse_words(rest, to_bot);
-    // NB: the user id is the last word; older user ids may hold capitals, so keep them as typed.
-    if let Parsed::Command(Command::Approve { user }) = &mut parsed
-        && let Some(typed) = text.rsplit(' ').next()
-        && typed.to_lowercase() == *user
-    {
-        *user = typed.to_owned();
+    // NB: older user ids may hold capitals, and a key is base64: keep both as typed. They are
+    // the last words; lower-casing neither adds nor removes spaces.
+    if let Parsed::Command(Command::Approve { user, fingerprint }) = &mut parsed {
+        let words = rest.split(' ').filter(|w| !w.is_empty()).count().saturating_sub(1);
+        let typed: Vec<&str> = text.split(' ').collect();
+        let args = &typed[typed.len().saturating_sub(words)..];
+        if let Some((typed_user, typed_key)) = args.split_first() {
+            if typed_user.to_lowercase() == *user {
+                *user = (*typed_user).to_owned();
+            }
+            let typed_key = typed_key.concat();
+            if typed_key.to_lowercase() == *fingerprint {
+                *fingerprint = typed_key;
+            }
+        }
     }
     (parsed, to_bot)
 }
+
+/// The fewest characters of a new identity's key that `approve` must quote.
+pub const MIN_FINGERPRINT: usize = 8;
 
 fn parse_words(rest: &str, to_bot: bool) -> Parsed {
     let mut words = rest.split(' ').filter(|w| !w.is_empty());
@@ -282,10 +297,18 @@ fn build(name: &str, args: &[&str]) -> Parsed {
             Parsed::Command(if name == "stop" { Command::Stop { target } } else { Command::Status { target } })
         }
         "approve" => match args {
-            [user] if user.starts_with('@') && user.contains(':') => {
-                Parsed::Command(Command::Approve { user: (*user).to_owned() })
+            [user, key @ ..] if user.starts_with('@') && user.contains(':') => {
+                // NB: the key may be typed in groups, as the refusal shows it.
+                let fingerprint = key.concat();
+                let base64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
+                if fingerprint.chars().count() < MIN_FINGERPRINT || !fingerprint.chars().all(base64) {
+                    return Parsed::Invalid(format!(
+                        "usage: approve {user} KEY, where KEY is at least the first {MIN_FINGERPRINT} characters of the new identity key my refusal showed (check it with {user} first)"
+                    ));
+                }
+                Parsed::Command(Command::Approve { user: (*user).to_owned(), fingerprint })
             }
-            _ => Parsed::Invalid("usage: approve @user:server".into()),
+            _ => Parsed::Invalid("usage: approve @user:server KEY".into()),
         },
         "list" if args.is_empty() => Parsed::Command(Command::List),
         "help" if args.is_empty() => Parsed::Command(Command::Help),
@@ -317,8 +340,8 @@ impl fmt::Display for Command {
         if let Command::Start { replicas: Some(n), .. } = self {
             write!(f, " {n}")?;
         }
-        if let Command::Approve { user } = self {
-            write!(f, " {user}")?;
+        if let Command::Approve { user, fingerprint } = self {
+            write!(f, " {user} {fingerprint}")?;
         }
         Ok(())
     }
@@ -363,9 +386,10 @@ mod tests {
             ("status", cmd(Command::Status { target: None })),
             ("status web", cmd(Command::Status { target: Some("web".into()) })),
             ("list", cmd(Command::List)),
-            ("approve @bob:example.org", cmd(Command::Approve { user: "@bob:example.org".into() })),
-            ("approve bob", Parsed::Invalid("usage: approve @user:server".into())),
-            ("APPROVE @Bob:Example.org", cmd(Command::Approve { user: "@Bob:Example.org".into() })),
+            ("approve @bob:example.org Xk3d9aQ2", approve("@bob:example.org", "Xk3d9aQ2")),
+            ("approve @bob:example.org Xk3d 9aQ2 Lm", approve("@bob:example.org", "Xk3d9aQ2Lm")),
+            ("approve bob", Parsed::Invalid("usage: approve @user:server KEY".into())),
+            ("APPROVE @Bob:Example.org aBcD+/12", approve("@Bob:Example.org", "aBcD+/12")),
             ("help", cmd(Command::Help)),
             ("", cmd(Command::Help)),
             ("hello there", Parsed::NotACommand),
@@ -379,10 +403,24 @@ mod tests {
         }
     }
 
+    fn approve(user: &str, fingerprint: &str) -> Parsed {
+        cmd(Command::Approve { user: user.into(), fingerprint: fingerprint.into() })
+    }
+
     #[test]
-    fn approve_keeps_the_capitals_of_an_older_user_id_after_an_address() {
-        let parsed = group("Kubernetes Toggle: approve @Old_User:Example.org");
-        assert_eq!(parsed, cmd(Command::Approve { user: "@Old_User:Example.org".into() }));
+    fn approve_keeps_the_capitals_of_an_older_user_id_and_of_the_key_after_an_address() {
+        let parsed = group("Kubernetes Toggle: approve @Old_User:Example.org QmFzZTY0 S2V5");
+        assert_eq!(parsed, approve("@Old_User:Example.org", "QmFzZTY0S2V5"));
+    }
+
+    #[test]
+    fn approve_without_at_least_eight_characters_of_the_key_is_refused_with_the_usage() {
+        for text in
+            ["approve @bob:example.org", "approve @bob:example.org Xk3d9aQ", "approve @bob:example.org Xk3d-9aQ2"]
+        {
+            let Parsed::Invalid(why) = dm(text) else { panic!("{text:?} was accepted") };
+            assert!(why.contains("at least the first 8 characters"), "{text:?}: {why}");
+        }
     }
 
     #[test]
@@ -447,7 +485,10 @@ mod tests {
         assert_eq!(Command::Stop { target: None }.permission(), Permission::Operate);
         assert_eq!(Command::Status { target: None }.permission(), Permission::Query);
         assert_eq!(Command::List.permission(), Permission::Query);
-        assert_eq!(Command::Approve { user: "@b:x".into() }.permission(), Permission::Operate);
+        assert_eq!(
+            Command::Approve { user: "@b:x".into(), fingerprint: "Xk3d9aQ2".into() }.permission(),
+            Permission::Operate
+        );
         assert_eq!(Command::Help.permission(), Permission::Query);
     }
 

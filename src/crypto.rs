@@ -151,6 +151,26 @@ impl MegolmPosition {
     }
 }
 
+/// What `approve` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// The new identity is pinned; the user's commands work again.
+    Approved,
+    /// The user's identity did not change: nothing to approve.
+    NothingToApprove,
+    /// The quoted key is not the start of the new identity's key (shown grouped); nothing
+    /// changed.
+    KeyMismatch {
+        /// The new identity's key, in groups of four.
+        key: String,
+    },
+}
+
+/// A key in groups of four characters, as people read it aloud.
+pub fn grouped(key: &str) -> String {
+    key.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
+}
+
 /// Key of the state database holding our device id.
 const DEVICE_ID_KEY: &str = "device_id";
 
@@ -589,25 +609,53 @@ impl Crypto {
         Ok(())
     }
 
-    /// Checks the sending device against the trust policy; `Err` is the reply to give.
+    /// Checks the sending device against the trust policy; `Err` is the reply to give. Under
+    /// both policies the sender's cross-signing identity is pinned on first sight (the machine
+    /// keeps the pin): while it differs from the pinned one, the sender is refused until another
+    /// allowed user approves the new one. `cross-signed` also needs the device to be signed by
+    /// that identity.
     pub async fn check_trust(&self, info: &EncryptionInfo, policy: TrustPolicy) -> Result<(), String> {
         let sender = &info.sender;
+        let identity = match self.machine.get_identity(sender, None).await {
+            Ok(identity) => identity,
+            Err(e) => return Err(format!("I could not check {sender}'s encryption identity ({e}); try again.")),
+        };
+        if let Some(UserIdentity::Other(identity)) = &identity
+            && identity.identity_needs_user_approval()
+        {
+            let key = identity.master_key().get_first_key().map(|k| k.to_base64()).unwrap_or_default();
+            return Err(format!(
+                "I won't act on commands from {sender} right now: their encryption identity changed since I first saw it. \
+                 The new identity's key is {}. If that is expected (a new login after a reset), another allowed user who \
+                 has checked this key with {sender} can send `approve {sender} KEY` with at least its first {} characters.",
+                grouped(&key),
+                crate::commands::MIN_FINGERPRINT
+            ));
+        }
         match policy {
-            TrustPolicy::Tofu => match self.machine.get_identity(sender, None).await {
-                Ok(Some(UserIdentity::Other(identity))) if identity.identity_needs_user_approval() => Err(format!(
-                    "I won't act on commands from {sender} right now: their encryption identity changed since I first saw it. \
-                     If that is expected (a new login after a reset), another allowed user can send `approve {sender}`."
-                )),
-                Ok(_) => Ok(()),
-                Err(e) => Err(format!("I could not check {sender}'s encryption identity ({e}); try again.")),
-            },
+            TrustPolicy::Tofu => Ok(()),
             TrustPolicy::CrossSigned => {
                 let Some(device_id) = &info.sender_device else {
                     return Err("I cannot tell which device sent this, so I won't act on it.".into());
                 };
-                match self.machine.get_device(sender, device_id, None).await {
-                    Ok(Some(device)) if device.is_cross_signed_by_owner() => Ok(()),
-                    Ok(_) => Err(format!(
+                let signed = || async {
+                    self.machine
+                        .get_device(sender, device_id, None)
+                        .await
+                        .map(|d| d.is_some_and(|d| d.is_cross_signed_by_owner()))
+                };
+                let mut answer = signed().await;
+                if matches!(answer, Ok(false)) {
+                    // NB: what we know of the sender's keys may predate the signature (seen with
+                    // a device signed just before its first message): ask once more.
+                    if let Err(e) = self.refresh_devices(sender).await {
+                        tracing::debug!(error = %e, "could not refresh the sender's devices");
+                    }
+                    answer = signed().await;
+                }
+                match answer {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(format!(
                         "I only take commands from devices their owner has verified (TRUST_POLICY=cross-signed), and {device_id} is not: \
                          verify this session from one of your other sessions, then send the command again."
                     )),
@@ -617,14 +665,19 @@ impl Crypto {
         }
     }
 
-    /// Accepts a user's changed identity (the `approve` command under the tofu policy).
-    pub async fn approve_identity(&self, user: &UserId) -> Result<bool, CryptoError> {
+    /// Accepts `user`'s changed identity if its key starts with `quoted` (the `approve`
+    /// command).
+    pub async fn approve_identity(&self, user: &UserId, quoted: &str) -> Result<Approval, CryptoError> {
         match self.machine.get_identity(user, None).await? {
             Some(UserIdentity::Other(identity)) if identity.identity_needs_user_approval() => {
+                let key = identity.master_key().get_first_key().map(|k| k.to_base64()).unwrap_or_default();
+                if quoted.len() < crate::commands::MIN_FINGERPRINT || !key.starts_with(quoted) {
+                    return Ok(Approval::KeyMismatch { key: grouped(&key) });
+                }
                 identity.pin_current_master_key().await?;
-                Ok(true)
+                Ok(Approval::Approved)
             }
-            _ => Ok(false),
+            _ => Ok(Approval::NothingToApprove),
         }
     }
 

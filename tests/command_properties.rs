@@ -47,13 +47,18 @@ fn command() -> impl Strategy<Value = Command> {
         option::of(target()).prop_map(|target| Command::Status { target }),
         Just(Command::List),
         Just(Command::Help),
-        user().prop_map(|user| Command::Approve { user }),
+        (user(), fingerprint()).prop_map(|(user, fingerprint)| Command::Approve { user, fingerprint }),
     ]
 }
 
 /// A user id as the parser keeps it (lower-cased).
 fn user() -> impl Strategy<Value = String> {
     "@[a-z0-9._=-]{1,12}:[a-z0-9.-]{1,12}(:[0-9]{1,5})?"
+}
+
+/// The start of an identity key as `approve` takes it (base64, case kept).
+fn fingerprint() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9+/]{8,43}"
 }
 
 /// Text that looks like a command often enough to reach every branch of the parser.
@@ -131,8 +136,8 @@ proptest! {
         trail in "[ \t\n]{0,3}",
     ) {
         let canonical = command.to_string();
-        // NB: every word but the user id of `approve`, which is kept as typed.
-        let is_user = |i: usize| i == 1 && matches!(command, Command::Approve { .. });
+        // NB: every word but the user id and key of `approve`, which are kept as typed.
+        let is_user = |i: usize| i >= 1 && matches!(command, Command::Approve { .. });
         let words: Vec<String> = canonical
             .split(' ')
             .enumerate()
@@ -206,8 +211,11 @@ proptest! {
     }
 
     #[test]
-    fn an_approve_command_reads_its_user_in_a_dm(user in user()) {
-        prop_assert_eq!(dm(&format!("approve {user}")), Parsed::Command(Command::Approve { user }));
+    fn an_approve_command_reads_its_user_and_key_in_a_dm(user in user(), fingerprint in fingerprint()) {
+        prop_assert_eq!(
+            dm(&format!("approve {user} {fingerprint}")),
+            Parsed::Command(Command::Approve { user, fingerprint })
+        );
     }
 
     #[test]
@@ -252,13 +260,17 @@ proptest! {
     }
 
     #[test]
-    fn approve_keeps_the_user_id_exactly_as_typed(
+    fn approve_keeps_the_user_id_and_key_exactly_as_typed(
         localpart in "[a-zA-Z0-9._=/+-]{1,12}",
         server in "[a-zA-Z0-9.-]{1,12}",
         verb in "[aA][pP][pP][rR][oO][vV][eE]",
+        fingerprint in fingerprint(),
     ) {
         let user = format!("@{localpart}:{server}");
-        prop_assert_eq!(dm(&format!("{verb} {user}")), Parsed::Command(Command::Approve { user: user.clone() }));
+        prop_assert_eq!(
+            dm(&format!("{verb} {user} {fingerprint}")),
+            Parsed::Command(Command::Approve { user: user.clone(), fingerprint })
+        );
     }
 
     #[test]
@@ -278,8 +290,8 @@ proptest! {
 
 /// Regression found by fuzzing (`command_parsing`): `Command::Approve` printed without its user.
 #[test]
-fn an_approve_command_prints_its_user() {
-    let command = Command::Approve { user: "@bob:example.org".into() };
-    assert_eq!(command.to_string(), "approve @bob:example.org");
+fn an_approve_command_prints_its_user_and_key() {
+    let command = Command::Approve { user: "@bob:example.org".into(), fingerprint: "Xk3d9aQ2".into() };
+    assert_eq!(command.to_string(), "approve @bob:example.org Xk3d9aQ2");
     assert_eq!(dm(&command.to_string()), Parsed::Command(command));
 }

@@ -561,41 +561,144 @@ async fn a_plaintext_command_in_an_encrypted_room_is_refused_with_one_notice_an_
     assert!(s.scale_patches().is_empty(), "a plaintext start ran after the restart");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_tofu_a_changed_identity_is_refused_until_another_allowed_user_approves_it() {
+/// Replaces `client`'s cross-signing identity (a reset, as after a lost recovery key, or as an
+/// attacker holding the homeserver would), signing its device with the new one.
+async fn reset_identity(client: &E2eeClient) {
     use matrix_sdk::ruma::api::client::uiaa::{AuthData, Password, UserIdentifier};
-    let s = stack_with(false, &[("ALLOWED_USERS", "@alice:localhost,@bob:localhost")]).await;
+    if let Some(handle) = client.client.encryption().reset_cross_signing().await.unwrap() {
+        let localpart = client.user_id().localpart().to_owned();
+        let password = Password::new(UserIdentifier::from(client.user_id()), format!("pw-{localpart}-secret"));
+        handle.auth(Some(AuthData::Password(password))).await.unwrap();
+    }
+}
+
+/// What the bot answers `who` in `room`, as `watcher` (a member since before) sees it.
+async fn ask(room: &RoomId, watcher: &E2eeClient, who: &E2eeClient, text: &str) -> String {
+    let n = watcher.received_from(room, &bot()).len();
+    who.send_text(room, text).await;
+    watcher.wait_for_messages(room, &bot(), n + 1).await[n].body.clone()
+}
+
+/// The key a refusal says the new identity has, without its spaces.
+fn refused_key(refusal: &str) -> String {
+    let start = refusal.find("The new identity's key is ").expect("the refusal names the key") + 26;
+    let end = refusal[start..].find(". ").expect("the key ends the sentence") + start;
+    refusal[start..end].replace(' ', "")
+}
+
+/// People in one encrypted room with the bot, each of whose commands the bot has answered once.
+async fn encrypted_room_of(people: &[&E2eeClient]) -> OwnedRoomId {
+    let (first, others) = people.split_first().unwrap();
+    let invite: Vec<OwnedUserId> = std::iter::once(bot()).chain(others.iter().map(|p| p.user_id())).collect();
+    let room = first.create_encrypted_room(&invite.iter().map(AsRef::as_ref).collect::<Vec<_>>()).await;
+    for other in others {
+        other.room(&room).await;
+        other.join(&room).await;
+        first.wait_for_join(&room, &other.user_id()).await;
+    }
+    first.wait_for_join(&room, &bot()).await;
+    for person in people {
+        support::eventually(Duration::from_secs(30), "the client to know the bot's device", || async {
+            (!person.devices_of(&bot()).await.is_empty()).then_some(())
+        })
+        .await;
+    }
+    for person in people {
+        let answer = ask(&room, first, person, "!toggle list").await;
+        assert!(answer.starts_with("Targets:"), "{} was not answered: {answer}", person.user_id());
+    }
+    room
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tofu_a_changed_identity_is_refused_until_another_allowed_user_who_may_do_as_much_approves_its_key() {
+    let config = scratch_dir();
+    let config_path = config.path().join("config.yaml");
+    std::fs::write(
+        &config_path,
+        "targets:\n  - name: clawdbot\n    namespace: clawdbot\n  - name: vault\n    namespace: clawdbot\n    workload: vault\n    allowed_users: [\"@alice:localhost\", \"@carol:localhost\"]\n",
+    )
+    .unwrap();
+    let s = stack_with(
+        false,
+        &[
+            ("ALLOWED_USERS", "@alice:localhost,@bob:localhost,@carol:localhost"),
+            ("CONFIG_PATH", config_path.to_str().unwrap()),
+        ],
+    )
+    .await;
+    s.api.add_deployment("clawdbot", "vault", 0);
+    let alice = s.person("alice", "1").await;
+    alice.client.encryption().bootstrap_cross_signing(None).await.unwrap();
+    let (bob, carol) = (s.person("bob", "1").await, s.person("carol", "1").await);
+    let room = encrypted_room_of(&[&alice, &bob, &carol]).await;
+
+    reset_identity(&alice).await;
+    // NB: until alice's client has published it, the bot may still see the old identity.
+    let refusal = support::eventually(Duration::from_secs(30), "alice's new identity to be refused", || async {
+        let answer = ask(&room, &alice, &alice, "!toggle status").await;
+        answer.contains("their encryption identity changed").then_some(answer)
+    })
+    .await;
+    let key = refused_key(&refusal);
+    assert!(key.len() >= 40, "{refusal}");
+    let answer = ask(&room, &alice, &bob, &format!("!toggle approve @alice:localhost {}", &key[..8])).await;
+    assert!(answer.starts_with("You may not approve @alice:localhost: they may operate vault"), "{answer}");
+    let answer = ask(&room, &alice, &carol, "!toggle approve @alice:localhost AAAAAAAA").await;
+    assert!(
+        answer.starts_with("Not approved: AAAAAAAA is not the start of @alice:localhost's new identity key"),
+        "{answer}"
+    );
+    let answer = ask(&room, &alice, &carol, &format!("!toggle approve @alice:localhost {}", &key[..7])).await;
+    assert!(answer.contains("at least the first 8 characters"), "{answer}");
+
+    // NB: in an unencrypted room nothing proves who sent an approval.
+    let plain = carol.create_plain_room(&[&bot()]).await;
+    carol.wait_for_join(&plain, &bot()).await;
+    carol.send_text(&plain, &format!("approve @alice:localhost {}", &key[..8])).await;
+    let answers = carol.wait_for_messages(&plain, &bot(), 1).await;
+    assert!(answers[0].body.starts_with("Not run: `approve` must be sent in an encrypted room"), "{answers:?}");
+
+    let answer = ask(&room, &alice, &alice, "!toggle start clawdbot").await;
+    assert!(answer.contains("their encryption identity changed"), "nothing above approved alice: {answer}");
+    let answer = ask(&room, &alice, &carol, &format!("!toggle approve @alice:localhost {}", &key[..8])).await;
+    assert!(answer.starts_with("Approved @alice:localhost's new encryption identity"), "{answer}");
+    let answer = ask(&room, &alice, &alice, "!toggle start clawdbot").await;
+    assert!(answer.contains("clawdbot is starting"), "{answer}");
+    assert_eq!(s.scale_patches().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_cross_signed_a_reset_identity_signing_its_device_is_refused_until_approved() {
+    let s =
+        stack_with(false, &[("TRUST_POLICY", "cross-signed"), ("ALLOWED_USERS", "@alice:localhost,@bob:localhost")])
+            .await;
     let alice = s.person("alice", "1").await;
     alice.client.encryption().bootstrap_cross_signing(None).await.unwrap();
     let bob = s.person("bob", "1").await;
-    let room = alice.create_encrypted_room(&[&bot(), &bob.user_id()]).await;
-    bob.room(&room).await;
-    bob.join(&room).await;
-    alice.wait_for_join(&room, &bot()).await;
-    support::eventually(Duration::from_secs(30), "alice's client to know the bot's device", || async {
-        (!alice.devices_of(&bot()).await.is_empty()).then_some(())
+    bob.client.encryption().bootstrap_cross_signing(None).await.unwrap();
+    let room = encrypted_room_of(&[&alice, &bob]).await;
+
+    // NB: the new identity signs alice's device, so only the pin tells it from the first one.
+    reset_identity(&alice).await;
+    let refusal = support::eventually(Duration::from_secs(30), "alice's new identity to be refused", || async {
+        let answer = ask(&room, &alice, &alice, "!toggle status").await;
+        answer.contains("their encryption identity changed").then_some(answer)
     })
     .await;
-    alice.send_text(&room, "!toggle status").await;
-    let replies = alice.wait_for_messages(&room, &bot(), 1).await;
-    assert!(replies[0].body.starts_with("clawdbot is off"), "{replies:?}");
-
-    if let Some(handle) = alice.client.encryption().reset_cross_signing().await.unwrap() {
-        let password = Password::new(UserIdentifier::from(alice.user_id()), "pw-alice-secret".into());
-        handle.auth(Some(AuthData::Password(password))).await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    alice.send_text(&room, "!toggle start").await;
-    let replies = alice.wait_for_messages(&room, &bot(), 2).await;
-    assert!(replies[1].body.contains("their encryption identity changed"), "{replies:?}");
     assert!(s.scale_patches().is_empty());
 
-    bob.send_text(&room, "!toggle approve @alice:localhost").await;
-    let replies = alice.wait_for_messages(&room, &bot(), 3).await;
-    assert!(replies[2].body.starts_with("Approved @alice:localhost's new encryption identity"), "{replies:?}");
-    alice.send_text(&room, "!toggle start").await;
-    let replies = alice.wait_for_messages(&room, &bot(), 4).await;
-    assert!(replies[3].body.contains("clawdbot is starting"), "{replies:?}");
+    let answer = ask(&room, &alice, &alice, "!toggle start").await;
+    assert!(
+        answer.contains("their encryption identity changed"),
+        "a device signed by a reset identity was obeyed: {answer}"
+    );
+    assert!(s.scale_patches().is_empty());
+    let approval = format!("!toggle approve @alice:localhost {}", &refused_key(&refusal)[..12]);
+    let answer = ask(&room, &alice, &bob, &approval).await;
+    assert!(answer.starts_with("Approved @alice:localhost's new encryption identity"), "{answer}");
+    let answer = ask(&room, &alice, &alice, "!toggle start").await;
+    assert!(answer.contains("clawdbot is starting"), "{answer}");
     assert_eq!(s.scale_patches().len(), 1);
 }
 

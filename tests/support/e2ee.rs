@@ -123,6 +123,14 @@ impl E2eeClient {
         room.room_id().to_owned()
     }
 
+    /// Creates an unencrypted room inviting `invite`; returns its id.
+    pub async fn create_plain_room(&self, invite: &[&UserId]) -> OwnedRoomId {
+        let mut request = CreateRoom::new();
+        request.preset = Some(RoomPreset::PrivateChat);
+        request.invite = invite.iter().map(|u| (*u).to_owned()).collect();
+        self.client.create_room(request).await.unwrap().room_id().to_owned()
+    }
+
     /// The room, once this client's sync has seen it.
     pub async fn room(&self, room_id: &RoomId) -> Room {
         eventually(Duration::from_secs(30), "the client to know the room", || async { self.client.get_room(room_id) })
