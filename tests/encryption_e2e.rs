@@ -702,6 +702,62 @@ async fn under_cross_signed_a_reset_identity_signing_its_device_is_refused_until
     assert_eq!(s.scale_patches().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_member_invited_to_a_joined_only_room_is_sent_no_room_key() {
+    use matrix_sdk::ruma::{
+        api::client::room::{Visibility, create_room::v3::Request as CreateRoom},
+        events::{
+            InitialStateEvent,
+            room::{
+                encryption::RoomEncryptionEventContent,
+                history_visibility::{HistoryVisibility, RoomHistoryVisibilityEventContent},
+            },
+        },
+    };
+    let dir = scratch_dir();
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 0);
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let setup = BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap());
+    let synapse = Synapse::start(dir.path(), &setup.registration);
+    // NB: the bridge reaches Synapse through a proxy that shows which devices it sends keys to.
+    let proxy_port = free_port();
+    let proxy = Proxy::start(proxy_port, &synapse.url).await;
+    proxy.record_paths_containing("/sendToDevice/");
+    let mut bridge = setup.start(&format!("http://127.0.0.1:{proxy_port}")).await;
+    synapse.register("alice").await;
+    synapse.register("bob").await;
+    let alice = E2eeClient::login(&synapse.url, "alice", &dir.path().join("client-alice")).await;
+    let bob = E2eeClient::login(&synapse.url, "bob", &dir.path().join("client-bob")).await;
+
+    let mut request = CreateRoom::new();
+    request.visibility = Visibility::Private;
+    request.invite = vec![bot()];
+    request.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
+        InitialStateEvent::with_empty_state_key(RoomHistoryVisibilityEventContent::new(HistoryVisibility::Joined))
+            .to_raw_any(),
+    ];
+    let room = alice.client.create_room(request).await.unwrap().room_id().to_owned();
+    alice.wait_for_join(&room, &bot()).await;
+    support::eventually(Duration::from_secs(30), "alice's client to know the bot's device", || async {
+        (!alice.devices_of(&bot()).await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(ask(&room, &alice, &alice, "status").await.starts_with("clawdbot is off"));
+
+    bridge.terminate();
+    bridge.start_again().await;
+    alice.client.get_room(&room).unwrap().invite_user_by_id(&bob.user_id()).await.unwrap();
+    bob.room(&room).await;
+    proxy.take_recorded();
+    assert!(ask(&room, &alice, &alice, "!toggle status").await.starts_with("clawdbot is off"));
+    let to_bob: Vec<_> =
+        proxy.take_recorded().into_iter().filter(|(_, body)| body.contains("@bob:localhost")).collect();
+    assert!(to_bob.is_empty(), "an invited member of a joined-only room was sent the room key: {to_bob:?}");
+}
+
 fn replies_to(replies: &[Value], event_id: &str) -> usize {
     replies.iter().filter(|r| r["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == event_id).count()
 }

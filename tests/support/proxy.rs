@@ -1,5 +1,6 @@
-//! A pass-through between Synapse and our server that can hold back to-device events, so a
-//! test can make a room key arrive in a later transaction than the message it unlocks.
+//! A pass-through between Synapse and our server (either way round) that can hold back
+//! to-device events, so a test can make a room key arrive in a later transaction than the
+//! message it unlocks; refuse paths; and record requests.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +22,8 @@ struct Inner {
     held: Mutex<Vec<Value>>,
     released: Mutex<u32>,
     refuse: Mutex<Vec<(String, u16)>>,
+    record: Mutex<Vec<String>>,
+    recorded: Mutex<Vec<(String, String)>>,
 }
 
 /// A running proxy; stops when dropped.
@@ -50,6 +53,16 @@ impl Proxy {
     /// of forwarding it.
     pub fn refuse_paths_containing(&self, fragment: &str, status: u16) {
         self.inner.refuse.lock().unwrap().push((fragment.into(), status));
+    }
+
+    /// Keeps (path, body) of every request whose path contains `fragment`.
+    pub fn record_paths_containing(&self, fragment: &str) {
+        self.inner.record.lock().unwrap().push(fragment.into());
+    }
+
+    /// The requests recorded so far, forgetting them.
+    pub fn take_recorded(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.inner.recorded.lock().unwrap())
     }
 
     /// How many to-device events are held.
@@ -92,6 +105,9 @@ async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response 
     }
     let bytes: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     let mut body = bytes.to_vec();
+    if inner.record.lock().unwrap().iter().any(|f| parts.uri.path().contains(f.as_str())) {
+        inner.recorded.lock().unwrap().push((parts.uri.path().to_owned(), String::from_utf8_lossy(&body).into_owned()));
+    }
     let hold_from = inner.hold_from.lock().unwrap().clone();
     if !hold_from.is_empty()
         && parts.uri.path().contains("/transactions/")
