@@ -958,3 +958,28 @@ fn the_docker_build_context_holds_the_sources_and_keeps_out_build_output_and_git
         "cargo cannot load the workspace from what the Dockerfile copies (add it to the COPY lines and to .dockerignore):\n{stderr}"
     );
 }
+
+#[test]
+fn every_test_security_md_names_exists() {
+    let security = read(&repo().join("SECURITY.md"));
+    let mut sources = String::new();
+    for dir in ["src", "tests", "tests/support"] {
+        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&read(&path));
+            }
+        }
+    }
+    let named: BTreeSet<&str> = security
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| {
+            w.matches('_').count() >= 4 && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        })
+        .collect();
+    assert!(named.len() >= 20, "SECURITY.md names its tests: {named:?}");
+    let missing: Vec<_> = named.iter().filter(|n| !sources.contains(&format!("fn {n}("))).collect();
+    assert!(missing.is_empty(), "SECURITY.md names tests that do not exist: {missing:?}");
+}
