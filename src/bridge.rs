@@ -34,12 +34,13 @@ use matrix_sdk_common::deserialized_responses::EncryptionInfo;
 
 use crate::{
     clock::{SharedClock, SystemClock},
-    commands::{self, Addressed, BotNames, Command, Parsed, Permission},
+    commands::{self, Addressed, BotNames, Command, Parsed},
     config::{BareCommands, Config, RefusalMode, Target},
     crypto::{Approval, CryptoCell, CryptoError, Decryption},
     matrix::{MatrixClient, MatrixError},
     metrics::{KindLabel, Metrics},
-    policy::RateLimiter,
+    policy::{self, RateLimiter, Refusal, Request, Verified},
+    replies,
     rooms::Rooms,
     scaler::{Change, ScaleError, Scaler, State, WorkloadStatus},
     store::{Job, Parked, Progress, Rollout, Store, StoreError, now_ms},
@@ -293,7 +294,7 @@ impl Bridge {
                     }
                 }
             }
-            Decryption::MissingKey { session_id: Some(_) } if !self.config.allowed_users.allows(sender) => {
+            Decryption::MissingKey { session_id: Some(_) } if !policy::is_known(&self.config, sender) => {
                 // NB: only allowed senders' events wait for their keys, so a flood from anyone
                 // else cannot push out a real command.
                 self.metrics.crypto("not_parked_stranger");
@@ -324,7 +325,7 @@ impl Bridge {
     /// Tells an allowed sender, once, that their message could not be read. Others hear nothing.
     async fn tell_undecryptable(&self, room: &RoomId, sender: &UserId, event_id: &EventId) -> Result<(), BridgeError> {
         self.metrics.crypto("undecryptable");
-        if !self.config.allowed_users.allows(sender) {
+        if !policy::is_known(&self.config, sender) {
             return Ok(());
         }
         let reply = Reply::text(format!(
@@ -377,7 +378,7 @@ impl Bridge {
         if gone && self.config.leave_rooms_without_allowed_users && self.rooms.is_loaded(&room) {
             let anyone_allowed = self.rooms.get(&room).is_some_and(|r| {
                 r.members.iter().any(|(u, m)| {
-                    matches!(m, MembershipState::Join | MembershipState::Invite) && self.config.allowed_users.allows(u)
+                    matches!(m, MembershipState::Join | MembershipState::Invite) && policy::may_invite(&self.config, u)
                 })
             });
             if !anyone_allowed {
@@ -392,7 +393,7 @@ impl Bridge {
     }
 
     async fn on_invite(&self, room: OwnedRoomId, inviter: &UserId) -> Result<(), BridgeError> {
-        if self.config.allowed_users.allows(inviter) {
+        if policy::may_invite(&self.config, inviter) {
             tracing::info!(room_id = %room, inviter = %inviter, "joining on invite");
             match self.matrix.send(join_room_by_id::v3::Request::new(room.clone())).await {
                 Ok(_) => {}
@@ -489,20 +490,33 @@ impl Bridge {
         let mentioned = content.mentions.as_ref().is_some_and(|m| m.user_ids.contains(self.matrix.bot()));
         let (parsed, to_bot) = commands::read(&text.body, &self.names, addressed, mentioned);
         let sender = &message.sender;
-        let allowed = self.config.allowed_users.allows(sender);
         if matches!(parsed, Parsed::NotACommand) && !to_bot {
             return Ok(());
         }
-        if !allowed {
-            return self.refuse(job, room, &message.event_id, sender).await;
-        }
-        // NB: a plaintext event proves nothing about its sender: anyone with the hs_token, or
-        // the homeserver's admin, can write one under an allowed user's name.
-        if encryption.is_none() {
-            let encrypted_room = self.rooms.get(room).is_some_and(|r| r.encrypted);
-            if encrypted_room || self.config.require_encryption {
-                return self.refuse_plaintext(room, &message.event_id, sender, encrypted_room).await;
+        let command = match &parsed {
+            Parsed::Command(c) => Some(c),
+            Parsed::Invalid(_) | Parsed::NotACommand => None,
+        };
+        let resolution = command.map(|c| self.resolve(c, to_bot));
+        let request = Request {
+            sender,
+            command,
+            targets: match &resolution {
+                Some(Ok(Some(targets))) => targets.clone(),
+                _ => Vec::new(),
+            },
+            room_encrypted: self.rooms.get(room).is_some_and(|r| r.encrypted),
+            verified: self.verification(sender, encryption).await,
+        };
+        let decision = policy::authorize(&self.config, request);
+        match &decision {
+            Err(Refusal::Stranger) => return self.refuse(job, room, &message.event_id, sender).await,
+            // NB: a plaintext event proves nothing about its sender: anyone with the hs_token, or
+            // the homeserver's admin, can write one under an allowed user's name.
+            Err(refusal @ Refusal::Plaintext { .. }) => {
+                return self.refuse_plaintext(room, &message.event_id, sender, refusal).await;
             }
+            _ => {}
         }
 
         // NB: checked now, when it is about to run, not when it arrived: it may have waited
@@ -530,20 +544,14 @@ impl Bridge {
             }
             (None, Some(reply)) => (reply, None),
             (None, None) => {
-                let refusal = match (encryption, parsed.clone()) {
-                    (Some(info), Parsed::Command(_)) => match self.crypto.get() {
-                        Some(crypto) => crypto.check_trust(info, self.config.trust_policy).await.err(),
-                        None => Some("Encryption is still being set up; send the command again in a moment.".into()),
-                    },
-                    _ => None,
-                };
-                let limited = matches!(parsed, Parsed::Command(_)) && !self.limiter.allow(sender, job.received_ms);
-                let (reply, follow_up) = match (refusal, parsed) {
-                    (Some(refusal), _) => {
-                        self.metrics.error("untrusted_device");
-                        (Some(refusal), None)
+                let limited = decision.is_ok() && command.is_some() && !self.limiter.allow(sender, job.received_ms);
+                let (reply, follow_up) = match (decision, &parsed) {
+                    (Err(refusal), _) => {
+                        self.metrics.error(refusal.kind());
+                        tracing::info!(event_id = %message.event_id, sender = %sender, refusal = refusal.kind(), "refusing a command");
+                        (Some(replies::refusal(&refusal, sender)), None)
                     }
-                    (None, Parsed::Command(_)) if limited => {
+                    (Ok(_), Parsed::Command(_)) if limited => {
                         self.metrics.error("rate_limited");
                         (
                             Some(format!(
@@ -553,11 +561,13 @@ impl Bridge {
                             None,
                         )
                     }
-                    (None, Parsed::Command(cmd)) => {
-                        self.execute(&cmd, message, to_bot, job, encryption.is_some()).await
-                    }
-                    (None, Parsed::Invalid(why)) => (Some(why), None),
-                    (None, Parsed::NotACommand) => (
+                    (Ok(authorized), Parsed::Command(cmd)) => match resolution {
+                        Some(Err(why)) => (Some(why), None),
+                        Some(Ok(None)) => (None, None),
+                        _ => self.execute(cmd, message, authorized.targets, job).await,
+                    },
+                    (Ok(_), Parsed::Invalid(why)) => (Some(why.clone()), None),
+                    (Ok(_), Parsed::NotACommand) => (
                         Some(format!(
                             "Unknown command: {}\n{}",
                             text.body.trim(),
@@ -598,6 +608,22 @@ impl Bridge {
         due
     }
 
+    /// How the event was verified, for [`policy::authorize`]. The trust policy is asked only
+    /// for people the bot works for: a stranger's flood causes no key queries.
+    async fn verification(&self, sender: &UserId, encryption: Option<&EncryptionInfo>) -> Verified {
+        let Some(info) = encryption else { return Verified::Plaintext };
+        if !policy::is_known(&self.config, sender) {
+            return Verified::NotChecked;
+        }
+        match self.crypto.get() {
+            Some(crypto) => match crypto.check_trust(info, self.config.trust_policy).await {
+                Ok(()) => Verified::Trusted,
+                Err(why) => Verified::Untrusted(why),
+            },
+            None => Verified::Untrusted("Encryption is still being set up; send the command again in a moment.".into()),
+        }
+    }
+
     /// Refuses a command that came unencrypted where only encrypted ones count; says why at
     /// most once an hour per room.
     async fn refuse_plaintext(
@@ -605,26 +631,19 @@ impl Bridge {
         room: &RoomId,
         event_id: &EventId,
         sender: &UserId,
-        encrypted_room: bool,
+        refusal: &Refusal,
     ) -> Result<(), BridgeError> {
-        self.metrics.error("plaintext_command");
+        self.metrics.error(refusal.kind());
         tracing::warn!(
             room_id = %room,
             event_id = %event_id,
             sender = %sender,
-            encrypted_room,
             "refusing an unencrypted command: nothing proves who sent it"
         );
         if !self.refusal_due(room, "plaintext", self.clock.now_ms()) {
             return Ok(());
         }
-        let reply = Reply::text(if encrypted_room {
-            "Not run: this command came unencrypted into an encrypted room, so nothing proves who sent it. \
-             Send commands from a client with encryption turned on. (I say this at most once an hour.)"
-        } else {
-            "Not run: commands must be encrypted (REQUIRE_ENCRYPTION=true) and this room is not. \
-             Turn on encryption in the room's settings, then send the command again. (I say this at most once an hour.)"
-        });
+        let reply = Reply::text(replies::refusal(refusal, sender));
         self.send_notice(room, Some(event_id), &reply, &txn_id("plaintext", event_id)).await
     }
 
@@ -635,9 +654,7 @@ impl Bridge {
             return Ok(());
         }
         if self.refusal_due(room, "not_allowed", job.received_ms) {
-            let reply = Reply::text(format!(
-                "Sorry, {sender} may not command this bot. Ask an admin to add you to ALLOWED_USERS."
-            ));
+            let reply = Reply::text(replies::refusal(&Refusal::Stranger, sender));
             self.send_notice(room, Some(event_id), &reply, &txn_id("refuse", event_id)).await?;
         }
         Ok(())
@@ -647,9 +664,14 @@ impl Bridge {
         self.config.targets.iter().map(|t| t.name.clone()).collect()
     }
 
-    /// Picks the targets a command is about. `Err` is the message to answer with, `Ok(None)`
-    /// means stay silent (chatter naming no known target).
+    /// Picks the targets a command is about (for [`policy::authorize`] to narrow). `Err` is the
+    /// message to answer with, `Ok(None)` means stay silent (chatter naming no known target).
     fn resolve(&self, cmd: &Command, to_bot: bool) -> Result<Option<Vec<&Target>>, String> {
+        match cmd {
+            Command::Help | Command::Approve { .. } => return Ok(Some(Vec::new())),
+            Command::List => return Ok(Some(self.config.targets.iter().collect())),
+            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } => {}
+        }
         match cmd.target() {
             Some(name) => match self.config.target(name) {
                 Some(t) => Ok(Some(vec![t])),
@@ -662,36 +684,28 @@ impl Bridge {
         }
     }
 
-    /// Runs a command; returns the reply (None = stay silent) and the target to watch.
+    /// Runs an authorized command on `targets` (those the sender may act on); returns the
+    /// reply (None = stay silent) and the target to watch.
     async fn execute(
         &self,
         cmd: &Command,
         message: &OriginalRoomMessageEvent,
-        to_bot: bool,
+        targets: Vec<&Target>,
         job: &Job,
-        encrypted: bool,
     ) -> (Option<String>, Option<FollowUp>) {
         let sender = &message.sender;
         self.metrics.commands.get_or_create(&KindLabel { kind: cmd.name().into() }).inc();
         tracing::info!(command = %cmd, sender = %sender, "command");
         match cmd {
             Command::Help => return (Some(commands::help_text(&self.target_names())), None),
-            Command::List => return (Some(self.list_text(sender)), None),
+            Command::List => return (Some(list_text(&targets)), None),
             Command::Approve { user, fingerprint } => {
-                return (Some(self.approve(sender, user, fingerprint, encrypted).await), None);
+                return (Some(self.approve(sender, user, fingerprint).await), None);
             }
-            _ => {}
+            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } => {}
         }
-        let targets = match self.resolve(cmd, to_bot) {
-            Ok(Some(t)) => t,
-            Ok(None) => return (None, None),
-            Err(message) => return (Some(message), None),
-        };
-        let permitted: Vec<&Target> =
-            targets.into_iter().filter(|t| t.allowed_users.as_ref().is_none_or(|l| l.allows(sender))).collect();
-        let Some(first) = permitted.first().copied() else {
-            let verb = if cmd.permission() == Permission::Operate { "operate" } else { "see" };
-            return (Some(format!("You may not {verb} that target.")), None);
+        let Some(first) = targets.first().copied() else {
+            return (Some(replies::refusal(&Refusal::Target { permission: cmd.permission() }, sender)), None);
         };
         let scaler = match &self.scaler {
             Ok(s) => s,
@@ -700,7 +714,7 @@ impl Bridge {
         match cmd {
             Command::Status { .. } => {
                 let mut lines = Vec::new();
-                for t in permitted {
+                for t in targets {
                     lines.push(match scaler.status(t).await {
                         Ok(s) => status_line(t, &s),
                         Err(e) => format!("⚠️ {}: {e}", t.name),
@@ -772,26 +786,12 @@ impl Bridge {
         work.await
     }
 
-    /// `approve @user KEY`: only another allowed user, in an encrypted message (whose device
-    /// the trust policy accepted before this runs), who may operate every target `user` may,
-    /// and who quotes the start of the new identity's key.
-    async fn approve(&self, approver: &UserId, user: &str, quoted: &str, encrypted: bool) -> String {
+    /// `approve @user KEY`, once [`policy::authorize`] let it through: pins the new identity
+    /// if `quoted` is the start of its key.
+    async fn approve(&self, approver: &UserId, user: &str, quoted: &str) -> String {
         let Ok(user) = <&UserId>::try_from(user) else {
             return format!("{user} is not a user id.");
         };
-        if !encrypted {
-            return "Not run: `approve` must be sent in an encrypted room, so I can tell it comes from you.".into();
-        }
-        if user == approver {
-            return "You cannot approve your own new identity: ask another allowed user to check its key with you and approve it.".into();
-        }
-        if !self.config.allowed_users.allows(user) {
-            return format!("{user} is not an allowed user; there is nothing to approve.");
-        }
-        let may_operate = |t: &Target, u: &UserId| t.allowed_users.as_ref().is_none_or(|l| l.allows(u));
-        if let Some(t) = self.config.targets.iter().find(|t| may_operate(t, user) && !may_operate(t, approver)) {
-            return format!("You may not approve {user}: they may operate {}, which you may not.", t.name);
-        }
         let Some(crypto) = self.crypto.get() else {
             return "Encryption is still being set up; try again in a moment.".into();
         };
@@ -809,19 +809,6 @@ impl Bridge {
             }
             Err(e) => format!("⚠️ Could not approve {user}: {e}"),
         }
-    }
-
-    fn list_text(&self, sender: &UserId) -> String {
-        let mut out = String::from("Targets:");
-        for t in &self.config.targets {
-            if t.allowed_users.as_ref().is_none_or(|l| l.allows(sender)) {
-                out.push_str(&format!(
-                    "\n• {}: {} {}/{} (at most {} replicas)",
-                    t.name, t.kind, t.namespace, t.workload, t.max_replicas
-                ));
-            }
-        }
-        out
     }
 
     /// Watches a rollout in the background and posts its outcome in reply to the command; the
@@ -1020,6 +1007,18 @@ fn elapsed_since_ms(ms: i64) -> Duration {
     Duration::from_millis((now_ms() - ms).max(0) as u64)
 }
 
+/// The answer to `list`: the targets the sender may see.
+fn list_text(targets: &[&Target]) -> String {
+    let mut out = String::from("Targets:");
+    for t in targets {
+        out.push_str(&format!(
+            "\n• {}: {} {}/{} (at most {} replicas)",
+            t.name, t.kind, t.namespace, t.workload, t.max_replicas
+        ));
+    }
+    out
+}
+
 /// One line of `status` for a target.
 pub fn status_line(t: &Target, s: &WorkloadStatus) -> String {
     let mut line = format!(
@@ -1115,6 +1114,7 @@ mod tests {
             workload: "clawdbot".into(),
             max_replicas: 10,
             allowed_users: None,
+            viewers: None,
         }
     }
 

@@ -126,6 +126,8 @@ pub struct Target {
     pub max_replicas: i32,
     /// Narrows `ALLOWED_USERS` for this target (None = everyone allowed globally).
     pub allowed_users: Option<AllowList>,
+    /// Who may see this target without operating it, instead of `VIEWERS` (None = `VIEWERS`).
+    pub viewers: Option<AllowList>,
 }
 
 /// The validated configuration.
@@ -147,6 +149,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Users allowed to command.
     pub allowed_users: AllowList,
+    /// Users who may only look: `status`, `list`, `help`.
+    pub viewers: AllowList,
     /// The workloads that can be switched.
     pub targets: Vec<Target>,
     /// Whether to echo `🦞 <message>` before answering.
@@ -192,6 +196,7 @@ impl fmt::Debug for Config {
             .field("listen_address", &self.listen_address)
             .field("state_dir", &self.state_dir)
             .field("allowed_users", &self.allowed_users)
+            .field("viewers", &self.viewers)
             .field("targets", &self.targets)
             .field("echo_mode", &self.echo_mode)
             .field("command_max_age", &self.command_max_age)
@@ -221,6 +226,7 @@ struct RawTarget {
     workload: Option<String>,
     max_replicas: Option<i32>,
     allowed_users: Option<Vec<String>>,
+    viewers: Option<Vec<String>>,
 }
 
 /// The config file: every key optional.
@@ -233,6 +239,7 @@ struct RawConfig {
     listen_address: Option<String>,
     state_dir: Option<PathBuf>,
     allowed_users: Option<Vec<String>>,
+    viewers: Option<Vec<String>>,
     deployment_name: Option<String>,
     deployment_namespace: Option<String>,
     targets: Option<Vec<RawTarget>>,
@@ -270,6 +277,16 @@ fn parse_bool(setting: &'static str, v: &str) -> Result<bool, ConfigError> {
 
 fn parse_secs(setting: &'static str, v: &str) -> Result<u64, ConfigError> {
     v.trim().parse().map_err(|_| invalid(setting, format!("{v:?} is not a whole number of seconds")))
+}
+
+/// A list of user patterns from the environment (comma-separated) or else the file (a YAML
+/// list); `None` when neither has it. One parser for every list of users.
+fn user_list(env: Option<&str>, file: Option<Vec<String>>) -> Result<Option<AllowList>, String> {
+    match (env, file) {
+        (Some(s), _) => AllowList::parse_list(s).map(Some),
+        (None, Some(list)) => list.iter().map(|s| s.parse()).collect::<Result<_, _>>().map(|l| Some(AllowList(l))),
+        (None, None) => Ok(None),
+    }
 }
 
 fn parse_enum<T: for<'de> Deserialize<'de>>(setting: &'static str, v: &str, choices: &str) -> Result<T, ConfigError> {
@@ -343,17 +360,10 @@ impl Config {
             .or(raw.state_dir)
             .unwrap_or_else(|| PathBuf::from("/data"));
 
-        let allowed_users = match get("ALLOWED_USERS") {
-            Some(s) => AllowList::parse_list(s).map_err(|m| invalid("ALLOWED_USERS", m))?,
-            None => AllowList(
-                raw.allowed_users
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|s| s.parse())
-                    .collect::<Result<_, _>>()
-                    .map_err(|m: String| invalid("ALLOWED_USERS", m))?,
-            ),
-        };
+        let allowed_users = user_list(get("ALLOWED_USERS"), raw.allowed_users)
+            .map_err(|m| invalid("ALLOWED_USERS", m))?
+            .unwrap_or_default();
+        let viewers = user_list(get("VIEWERS"), raw.viewers).map_err(|m| invalid("VIEWERS", m))?.unwrap_or_default();
         if allowed_users.is_empty() {
             return Err(invalid(
                 "ALLOWED_USERS",
@@ -373,15 +383,10 @@ impl Config {
                     if !seen.insert(name.clone()) {
                         return Err(invalid("targets", format!("target name {name:?} is used twice")));
                     }
-                    let allowed = match t.allowed_users {
-                        Some(v) => Some(AllowList(
-                            v.iter()
-                                .map(|s| s.parse())
-                                .collect::<Result<_, _>>()
-                                .map_err(|m: String| invalid("targets", format!("{name}: allowed_users: {m}")))?,
-                        )),
-                        None => None,
-                    };
+                    let allowed = user_list(None, t.allowed_users)
+                        .map_err(|m| invalid("targets", format!("{name}: allowed_users: {m}")))?;
+                    let target_viewers =
+                        user_list(None, t.viewers).map_err(|m| invalid("targets", format!("{name}: viewers: {m}")))?;
                     let max_replicas = t.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS);
                     if max_replicas < 1 {
                         return Err(invalid("targets", format!("{name}: max_replicas must be at least 1")));
@@ -393,6 +398,7 @@ impl Config {
                         kind: t.kind,
                         max_replicas,
                         allowed_users: allowed,
+                        viewers: target_viewers,
                     });
                 }
                 if out.is_empty() {
@@ -416,6 +422,7 @@ impl Config {
                     workload: workload.trim().to_owned(),
                     max_replicas: DEFAULT_MAX_REPLICAS,
                     allowed_users: None,
+                    viewers: None,
                 }]
             }
         };
@@ -502,6 +509,7 @@ impl Config {
             listen_address,
             state_dir,
             allowed_users,
+            viewers,
             targets,
             echo_mode,
             display_name,
@@ -525,6 +533,36 @@ impl Config {
     pub fn target(&self, name: &str) -> Option<&Target> {
         let name = name.to_ascii_lowercase();
         self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+/// Configurations for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A configuration for server `example.org` from the YAML `file` and the variables `env`,
+    /// with a generated registration.
+    pub(crate) fn config(file: &str, env: &[(&str, &str)]) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registration::generate(
+            "k8s-toggle",
+            &Url::parse("http://127.0.0.1:9123").unwrap(),
+            &crate::registration::parse_server_name("example.org").unwrap(),
+            "toggle",
+        )
+        .unwrap();
+        let reg_path = dir.path().join("registration.yaml");
+        std::fs::write(&reg_path, reg.to_yaml()).unwrap();
+        let file_path = dir.path().join("config.yaml");
+        std::fs::write(&file_path, file).unwrap();
+        let mut vars = BTreeMap::new();
+        vars.insert("MATRIX_SERVER_NAME".to_owned(), "example.org".to_owned());
+        vars.insert("REGISTRATION_PATH".to_owned(), reg_path.display().to_string());
+        for (k, v) in env {
+            vars.insert((*k).to_owned(), (*v).to_owned());
+        }
+        Config::load(Some(&file_path), &vars).unwrap()
     }
 }
 
@@ -590,6 +628,21 @@ mod tests {
         assert!(!c.echo_mode);
         assert!(!c.require_encryption, "REQUIRE_ENCRYPTION is off unless set");
         assert_eq!(c.bare_commands, BareCommands::Dm, "group rooms need an address unless set");
+    }
+
+    #[test]
+    fn viewers_come_from_the_environment_or_the_file_and_per_target() {
+        let c = testing::config(
+            "allowed_users: ['@alice:example.org']\nviewers: ['@*:example.org']\ntargets:\n  - name: web\n    viewers: ['@bob:example.org']\n  - name: db\n",
+            &[],
+        );
+        assert_eq!(c.viewers, AllowList::parse_list("@*:example.org").unwrap());
+        assert_eq!(c.targets[0].viewers, Some(AllowList::parse_list("@bob:example.org").unwrap()));
+        assert_eq!(c.targets[1].viewers, None);
+        let c = Fixture::new().with("VIEWERS", "@carol:example.org, @*:ops.example.org").load().unwrap();
+        assert_eq!(c.viewers.0.len(), 2);
+        let err = Fixture::new().with("VIEWERS", "carol").load().unwrap_err().to_string();
+        assert!(err.starts_with("VIEWERS:") && err.contains("@alice:example.org"), "{err}");
     }
 
     #[test]

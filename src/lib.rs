@@ -14,6 +14,7 @@ pub mod matrix;
 pub mod metrics;
 pub mod policy;
 pub mod registration;
+pub mod replies;
 pub mod rooms;
 pub mod scaler;
 pub mod secret;

@@ -627,6 +627,7 @@ mod tests {
             workload: workload.into(),
             max_replicas: 10,
             allowed_users: None,
+            viewers: None,
         };
         let dir = tempfile::tempdir().unwrap();
         {

@@ -163,6 +163,24 @@ async fn chatter_in_a_group_room_gets_no_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_sees_status_and_list_but_cannot_stop() {
+    let api = TestApiServer::start().await.unwrap();
+    api.add_deployment("clawdbot", "clawdbot", 1);
+    let s = stack_with(|s, _| s.env("VIEWERS", "@vic:localhost"), api).await;
+    let alice = s.user("alice").await;
+    let vic = s.user("vic").await;
+    let room = alice.create_room(&[BOT, &vic.user_id], false).await;
+    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
+    vic.join(&room).await;
+    vic.send_text(&room, "!toggle stop").await;
+    vic.send_text(&room, "!toggle status").await;
+    let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    assert!(body(&replies[0]).starts_with("You may look but not change anything: `stop`"), "{}", body(&replies[0]));
+    assert!(body(&replies[1]).starts_with("clawdbot is running"), "{}", body(&replies[1]));
+    assert!(s.scale_patches().is_empty(), "a viewer stopped the workload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_bare_commands_always_a_bare_command_in_a_group_room_is_obeyed_as_by_the_old_bot() {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", 1);

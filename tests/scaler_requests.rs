@@ -22,6 +22,7 @@ fn target(kind: WorkloadKind) -> Target {
         workload: "clawdbot".into(),
         max_replicas: 10,
         allowed_users: None,
+        viewers: None,
     }
 }
 
