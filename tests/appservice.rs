@@ -54,6 +54,8 @@ async fn synapse_accepts_the_generated_registration_and_pushes_an_invite_the_bot
     alice.wait_for_membership(&room, "@toggle:localhost", "join", WAIT).await;
     assert!(bridge.metric("matrix_k8s_toggle_transactions_total{result=\"ok\"}").await >= 1.0);
     assert!(bridge.log().contains("the homeserver can reach us"), "{}", bridge.log());
+    // NB: the log goes to a file, as with `kubectl logs`: plain text, no colour codes.
+    assert!(!bridge.log().contains('\u{1b}'), "ANSI escape codes in a log that is not a terminal");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
