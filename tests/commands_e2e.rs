@@ -253,10 +253,13 @@ async fn a_command_event_sent_again_in_a_new_transaction_causes_no_second_patch(
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // NB: a room's events are handled in order: once this is answered, the resent one was handled.
+    alice.send_text(&room, "status").await;
+    let replies = alice.wait_for_messages(&room, BOT, 3, WAIT).await;
+    assert!(replies.iter().any(|r| body(r).starts_with("clawdbot is ")), "{replies:?}");
     assert_eq!(s.scale_patches().len(), 1);
-    let replies = alice.messages_from(&room, BOT).await;
-    assert_eq!(replies.iter().filter(|r| body(r).contains("is starting")).count(), 1);
+    let started = replies.iter().filter(|r| body(r).starts_with("clawdbot is starting: 0 → 1")).count();
+    assert_eq!(started, 1, "{replies:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,15 @@ impl Stack {
         self.api.requests().iter().filter(|r| r.method == "PATCH" && r.path.ends_with("/scale")).count()
     }
 
+    /// Sends `status` and waits for its answer, the `count`th message of the bot: the room's
+    /// events are handled in order, so anything earlier would have been answered before it.
+    async fn status_answered_as_message(&self, alice: &User, room: &str, count: usize) -> Vec<Value> {
+        let marker = alice.send_text(room, "status").await;
+        let replies = alice.wait_for_messages(room, BOT, count, WAIT).await;
+        assert_eq!(replies_to(&replies, &marker).len(), 1, "{replies:?}");
+        replies
+    }
+
     async fn wait_for_patch(&self) {
         eventually(WAIT, "the scale PATCH to reach the apiserver", || async {
             (self.scale_patches() > 0).then_some(())
@@ -86,8 +95,7 @@ async fn a_kill_right_after_the_patch_causes_no_second_patch_and_exactly_one_rep
 
     s.bridge.start_again().await;
     alice.wait_for_messages(&room, BOT, 1, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let replies = alice.messages_from(&room, BOT).await;
+    let replies = s.status_answered_as_message(&alice, &room, 2).await;
     let answers = replies_to(&replies, &command);
     assert_eq!(answers.len(), 1, "{replies:?}");
     assert!(body(answers[0]).contains("clawdbot is already on (1 replicas)"), "{replies:?}");
@@ -106,8 +114,7 @@ async fn a_rollout_interrupted_by_a_kill_is_still_reported_once_after_the_restar
 
     s.bridge.start_again().await;
     alice.wait_for_messages(&room, BOT, 2, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let replies = alice.messages_from(&room, BOT).await;
+    let replies = s.status_answered_as_message(&alice, &room, 3).await;
     let answers = replies_to(&replies, &command);
     assert_eq!(answers.len(), 2, "{replies:?}");
     assert!(body(answers[1]).starts_with("clawdbot is up: 1/1 ready after"), "{replies:?}");
@@ -122,12 +129,12 @@ async fn a_reply_waits_while_synapse_is_down_and_is_delivered_when_it_is_back() 
     let command = alice.send_text(&room, "start").await;
     s.wait_for_patch().await;
     s.synapse.stop();
+    // NB: an outage of a few seconds, not a wait to see nothing happen.
     tokio::time::sleep(Duration::from_secs(5)).await;
     s.synapse.start_again();
     // The reply, then the rollout's outcome.
     alice.wait_for_messages(&room, BOT, 2, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let replies = alice.messages_from(&room, BOT).await;
+    let replies = s.status_answered_as_message(&alice, &room, 3).await;
     let answers = replies_to(&replies, &command);
     assert_eq!(answers.len(), 2, "{replies:?}");
     assert!(body(answers[0]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
@@ -169,6 +176,7 @@ async fn commands_queued_while_we_were_down_are_handled_in_order_and_old_ones_ar
     let (alice, room) = s.alice_in_dm().await;
     assert!(s.bridge.terminate().success());
     let old = alice.send_text(&room, "start").await;
+    // NB: makes the command older than COMMAND_MAX_AGE_SECS (the homeserver's clock, not ours).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let fresh = alice.send_text(&room, "status").await;
     s.bridge.start_again().await;
