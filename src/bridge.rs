@@ -830,7 +830,7 @@ impl Bridge {
         let timeout = self.config.rollout_timeout.saturating_sub(elapsed_since_ms(rollout.started_ms));
         tokio::spawn(async move {
             let text = match scaler.wait_until_settled(&target, timeout).await {
-                Ok((s, _, _)) => outcome_line(&target, &s, rollout.up, elapsed_since_ms(rollout.started_ms)),
+                Ok(s) => outcome_line(&target, &s, rollout.up, elapsed_since_ms(rollout.started_ms)),
                 Err(e) => format!("⚠️ Could not follow {}: {e}", target.name),
             };
             let reply = Reply::text(text);

@@ -2,10 +2,7 @@
 //! patch), restore its replica count after a stop (kept by a [`ReplicaMemory`]), read its
 //! state, watch a rollout, and turn API errors into messages a person can act on.
 
-use std::{
-    future::Future,
-    time::{Duration, Instant},
-};
+use std::{future::Future, time::Duration};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
@@ -14,7 +11,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
     runtime::watcher,
 };
 use serde_json::json;
@@ -172,16 +169,15 @@ pub struct Scaler {
 /// Watches the workload until its status settles; `last` keeps the latest status seen. Returns
 /// false if the watch ends first. The watcher retries failures by itself; the first (e.g. a
 /// 403 when the Role lacks `list` or `watch`) is logged.
-async fn follow<K>(api: Api<K>, t: &Target, status: fn(&K) -> WorkloadStatus, last: &mut WorkloadStatus) -> bool
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
+async fn follow(api: Api<DynamicObject>, t: &Target, last: &mut WorkloadStatus) -> bool {
     let mut stream = watcher::watch_object(api, &t.workload).boxed();
     let mut warned = false;
     while let Some(item) = stream.next().await {
         match item {
             Ok(Some(object)) => {
-                *last = status(&object);
+                if let Some(status) = workload_status(t.kind, &object) {
+                    *last = status;
+                }
                 if settled(last) {
                     return true;
                 }
@@ -198,6 +194,24 @@ where
         }
     }
     false
+}
+
+/// The API resource of a workload kind: the one place the kinds differ in how they are called.
+fn api_resource(kind: WorkloadKind) -> ApiResource {
+    match kind {
+        WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
+        WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
+    }
+}
+
+/// The state of a workload object of `kind`, by the rules of its controller; `None` if the
+/// object does not parse as that kind.
+fn workload_status(kind: WorkloadKind, object: &DynamicObject) -> Option<WorkloadStatus> {
+    let value = serde_json::to_value(object).ok()?;
+    match kind {
+        WorkloadKind::Deployment => serde_json::from_value::<Deployment>(value).ok().map(|d| deployment_status(&d)),
+        WorkloadKind::StatefulSet => serde_json::from_value::<StatefulSet>(value).ok().map(|s| statefulset_status(&s)),
+    }
 }
 
 /// The permissions the scaler uses: (verb, resource with subresource). Writes go only to the
@@ -266,17 +280,14 @@ impl Scaler {
         }
     }
 
+    /// The workload's API, whatever its kind.
+    fn api(&self, t: &Target) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &t.namespace, &api_resource(t.kind))
+    }
+
     async fn spec_replicas(&self, t: &Target) -> Result<i32, ScaleError> {
-        let scale = match t.kind {
-            WorkloadKind::Deployment => {
-                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload)).await?
-            }
-            WorkloadKind::StatefulSet => {
-                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "/scale", || api.get_scale(&t.workload)).await?
-            }
-        };
+        let api = self.api(t);
+        let scale = self.retrying(t, "get", "/scale", || api.get_scale(&t.workload)).await?;
         // NB: the API omits spec.replicas when it is 0.
         Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0))
     }
@@ -284,31 +295,14 @@ impl Scaler {
     async fn patch_scale(&self, t: &Target, replicas: i32) -> Result<(), ScaleError> {
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         let patch = Patch::Merge(json!({ "spec": { "replicas": replicas } }));
-        match t.kind {
-            WorkloadKind::Deployment => {
-                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "/scale", || api.patch_scale(&t.workload, &params, &patch)).await?;
-            }
-            WorkloadKind::StatefulSet => {
-                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "patch", "/scale", || api.patch_scale(&t.workload, &params, &patch)).await?;
-            }
-        }
+        let api = self.api(t);
+        self.retrying(t, "patch", "/scale", || api.patch_scale(&t.workload, &params, &patch)).await?;
         Ok(())
     }
 
-    async fn annotations(&self, t: &Target) -> Result<std::collections::BTreeMap<String, String>, ScaleError> {
-        let meta = match t.kind {
-            WorkloadKind::Deployment => {
-                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "", || api.get(&t.workload)).await?.metadata
-            }
-            WorkloadKind::StatefulSet => {
-                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                self.retrying(t, "get", "", || api.get(&t.workload)).await?.metadata
-            }
-        };
-        Ok(meta.annotations.unwrap_or_default())
+    async fn object(&self, t: &Target) -> Result<DynamicObject, ScaleError> {
+        let api = self.api(t);
+        self.retrying(t, "get", "", || api.get(&t.workload)).await
     }
 
     /// Scales up: to `replicas`, else to the count `memory` kept at the last stop (or, for a
@@ -327,7 +321,15 @@ impl Scaler {
             None => {
                 let remembered = match memory.recall(t).map_err(ScaleError::Memory)? {
                     Some(n) => Some(n),
-                    None => self.annotations(t).await?.get(REMEMBERED_REPLICAS).and_then(|v| v.parse::<i32>().ok()),
+                    None => {
+                        let object = self.object(t).await?;
+                        object
+                            .metadata
+                            .annotations
+                            .unwrap_or_default()
+                            .get(REMEMBERED_REPLICAS)
+                            .and_then(|v| v.parse().ok())
+                    }
                 };
                 remembered.filter(|n| *n >= 1).unwrap_or(1).min(t.max_replicas)
             }
@@ -352,45 +354,21 @@ impl Scaler {
 
     /// The workload's state and counts.
     pub async fn status(&self, t: &Target) -> Result<WorkloadStatus, ScaleError> {
-        Ok(match t.kind {
-            WorkloadKind::Deployment => {
-                let api: Api<Deployment> = Api::namespaced(self.client.clone(), &t.namespace);
-                deployment_status(&self.retrying(t, "get", "", || api.get(&t.workload)).await?)
-            }
-            WorkloadKind::StatefulSet => {
-                let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &t.namespace);
-                statefulset_status(&self.retrying(t, "get", "", || api.get(&t.workload)).await?)
-            }
+        let object = self.object(t).await?;
+        workload_status(t.kind, &object).ok_or_else(|| {
+            ScaleError::Other(format!("{} {}/{} does not read as a {}", t.kind, t.namespace, t.workload, t.kind))
         })
     }
 
-    /// Watches the workload until it settles (running, off, or degraded) or `timeout` passes.
-    /// Returns the last status, whether it settled, and how long it took.
-    pub async fn wait_until_settled(
-        &self,
-        t: &Target,
-        timeout: Duration,
-    ) -> Result<(WorkloadStatus, bool, Duration), ScaleError> {
-        let started = Instant::now();
+    /// Watches the workload until it settles (running, off, or degraded) or `timeout` passes;
+    /// returns the last status seen.
+    pub async fn wait_until_settled(&self, t: &Target, timeout: Duration) -> Result<WorkloadStatus, ScaleError> {
         let mut last = self.status(t).await?;
         if settled(&last) {
-            return Ok((last, true, started.elapsed()));
+            return Ok(last);
         }
-        let outcome = tokio::time::timeout(timeout, async {
-            match t.kind {
-                WorkloadKind::Deployment => {
-                    let api = Api::namespaced(self.client.clone(), &t.namespace);
-                    follow(api, t, deployment_status, &mut last).await
-                }
-                WorkloadKind::StatefulSet => {
-                    let api = Api::namespaced(self.client.clone(), &t.namespace);
-                    follow(api, t, statefulset_status, &mut last).await
-                }
-            }
-        })
-        .await;
-        let done = outcome.unwrap_or(false);
-        Ok((last, done, started.elapsed()))
+        let _ = tokio::time::timeout(timeout, follow(self.api(t), t, &mut last)).await;
+        Ok(last)
     }
 
     /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses.
