@@ -73,6 +73,16 @@ impl BridgeError {
         }
     }
 
+    /// The metric `kind` this error is counted under.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BridgeError::Matrix(_) | BridgeError::Crypto(CryptoError::Matrix(_)) => "homeserver",
+            BridgeError::Store(_) => "store",
+            BridgeError::WouldLeakPlaintext(_) => "encryption_not_ready",
+            BridgeError::Crypto(_) => "crypto",
+        }
+    }
+
     fn is_transient(&self) -> bool {
         match self {
             BridgeError::Matrix(e) => e.is_transient(),
@@ -1088,13 +1098,13 @@ impl JobHandler for Bridge {
         match self.handle_event(job, event).await {
             Ok(()) => Outcome::Done,
             Err(e) if e.is_transient() => {
-                self.metrics.error("homeserver");
-                tracing::warn!(event_id = %job.event_id, error = %e, "homeserver unavailable; will retry");
+                self.metrics.error(e.kind());
+                tracing::warn!(event_id = %job.event_id, kind = e.kind(), error = %e, "could not act on an event yet; will retry");
                 Outcome::RetryAfter(RETRY_DELAY)
             }
             Err(e) => {
-                self.metrics.error("bridge");
-                tracing::warn!(event_id = %job.event_id, error = %e, "could not act on an event");
+                self.metrics.error(e.kind());
+                tracing::warn!(event_id = %job.event_id, kind = e.kind(), error = %e, "could not act on an event");
                 Outcome::Done
             }
         }
@@ -1172,6 +1182,17 @@ mod tests {
         clock.advance_ms(1);
         assert_eq!(too_old(clock.now_ms(), sent, max), Some(Duration::from_millis(300_001)));
         assert_eq!(too_old(0, 5_000, max), None, "a timestamp from the future is not old");
+    }
+
+    #[test]
+    fn errors_are_counted_by_what_failed_not_all_as_the_homeserver() {
+        let store = BridgeError::Store(StoreError::Sqlite(rusqlite::Error::InvalidQuery));
+        assert_eq!(store.kind(), "store");
+        assert!(store.is_transient());
+        let room = OwnedRoomId::try_from("!r:x").unwrap();
+        assert_eq!(BridgeError::WouldLeakPlaintext(room).kind(), "encryption_not_ready");
+        let matrix = BridgeError::Matrix(MatrixError::Build("bad".into()));
+        assert_eq!(matrix.kind(), "homeserver");
     }
 
     #[test]

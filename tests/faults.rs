@@ -228,7 +228,7 @@ async fn with_encryption_unable_to_start_a_command_in_a_plain_room_is_still_answ
     alice.wait_for_membership(&encrypted, BOT, "join", WAIT).await;
     alice.send_text(&encrypted, "status").await;
     eventually(WAIT, "the encrypted room's command to wait for encryption", || async {
-        (bridge.metric("matrix_k8s_toggle_errors_total{kind=\"homeserver\"}").await >= 1.0).then_some(())
+        (bridge.metric("matrix_k8s_toggle_errors_total{kind=\"encryption_not_ready\"}").await >= 1.0).then_some(())
     })
     .await;
 
