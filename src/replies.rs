@@ -1,9 +1,16 @@
-//! What the bot says when it refuses, in one place, so the words can be read and changed
-//! together. (Command answers live with the commands in `bridge`.)
+//! What the bot says, in one place, so the words can be read and changed together: refusals,
+//! `list` and `status` lines, rollout outcomes, durations.
+
+use std::time::Duration;
 
 use ruma::UserId;
 
-use crate::{commands::Permission, policy::Refusal};
+use crate::{
+    commands::Permission,
+    config::Target,
+    policy::Refusal,
+    scaler::{State, WorkloadStatus},
+};
 
 /// How often a refusal that is not a reply to one person (strangers, plaintext) is said at most.
 pub const ONCE_AN_HOUR: &str = "(I say this at most once an hour.)";
@@ -36,5 +43,65 @@ pub fn refusal(refusal: &Refusal, sender: &UserId) -> String {
         Refusal::ApproveReach { user, target } => {
             format!("You may not approve {user}: they may operate {target}, which you may not.")
         }
+    }
+}
+
+/// "45 s", "3 min", "2 h".
+pub fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        _ => format!("{} h", secs / 3600),
+    }
+}
+
+/// The answer to `list`: the targets the sender may see.
+pub fn list_text(targets: &[&Target]) -> String {
+    let mut out = String::from("Targets:");
+    for t in targets {
+        out.push_str(&format!(
+            "\n• {}: {} {}/{} (at most {} replicas)",
+            t.name, t.kind, t.namespace, t.workload, t.max_replicas
+        ));
+    }
+    out
+}
+
+/// One line of `status` for a target.
+pub fn status_line(t: &Target, s: &WorkloadStatus) -> String {
+    let mut line = format!(
+        "{} is {}: {}/{} ready (available {}, updated {}; {} {}/{})",
+        t.name, s.state, s.ready, s.desired, s.available, s.updated, t.kind, t.namespace, t.workload
+    );
+    if let Some(m) = &s.message
+        && matches!(s.state, State::Degraded | State::Starting)
+    {
+        line.push_str(&format!(". {m}"));
+    }
+    line
+}
+
+/// The message after watching a start or stop.
+pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) -> String {
+    let secs = took.as_secs();
+    match (up, s.state) {
+        (true, State::Running) => format!("{} is up: {}/{} ready after {secs} s", t.name, s.ready, s.desired),
+        (false, State::Off) => format!("{} is off after {secs} s", t.name),
+        (_, State::Degraded) => format!(
+            "⚠️ {} is degraded after {secs} s: {}/{} ready. {}",
+            t.name,
+            s.ready,
+            s.desired,
+            s.message.as_deref().unwrap_or("the rollout missed its progress deadline")
+        ),
+        (true, _) => format!(
+            "{} is still starting after {secs} s: {}/{} ready.{}",
+            t.name,
+            s.ready,
+            s.desired,
+            s.message.as_deref().map(|m| format!(" {m}")).unwrap_or_default()
+        ),
+        (false, _) => format!("{} is still stopping after {secs} s: {} pods left", t.name, s.current),
     }
 }

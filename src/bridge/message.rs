@@ -1,0 +1,365 @@
+//! The message recipe, top to bottom: read the command, authorize it (`policy::authorize`),
+//! dedupe by its stored progress, execute, reply.
+
+use super::*;
+
+impl Bridge {
+    pub(super) async fn on_message(
+        &self,
+        job: &Job,
+        message: &OriginalRoomMessageEvent,
+        encryption: Option<&EncryptionInfo>,
+    ) -> Result<(), BridgeError> {
+        let content = &message.content;
+        if matches!(content.relates_to, Some(Relation::Replacement(_))) {
+            return Ok(());
+        }
+        let MessageType::Text(text) = &content.msgtype else {
+            return Ok(());
+        };
+        let room = &message.room_id;
+        if !self.rooms.is_loaded(room) {
+            self.load_room(room).await?;
+        }
+        let joined = self.rooms.get(room).map_or(0, |r| r.joined().count());
+        let addressed = match self.config.bare_commands {
+            _ if joined <= 2 => Addressed::ToBot,
+            BareCommands::Dm => Addressed::ToRoom,
+            BareCommands::Always => Addressed::ToRoomBare,
+        };
+        let mentioned = content.mentions.as_ref().is_some_and(|m| m.user_ids.contains(self.matrix.bot()));
+        let (parsed, to_bot) = commands::read(&text.body, &self.names, addressed, mentioned);
+        let sender = &message.sender;
+        if matches!(parsed, Parsed::NotACommand) && !to_bot {
+            return Ok(());
+        }
+        let command = match &parsed {
+            Parsed::Command(c) => Some(c),
+            Parsed::Invalid(_) | Parsed::NotACommand => None,
+        };
+        let resolution = command.map(|c| self.resolve(c, to_bot));
+        let request = Request {
+            sender,
+            command,
+            targets: match &resolution {
+                Some(Ok(Some(targets))) => targets.clone(),
+                _ => Vec::new(),
+            },
+            room_encrypted: self.rooms.get(room).is_some_and(|r| r.encrypted),
+            verified: self.verification(sender, encryption).await,
+        };
+        let decision = policy::authorize(&self.config, request);
+        match &decision {
+            Err(Refusal::Stranger) => return self.refuse(job, room, &message.event_id, sender).await,
+            // NB: a plaintext event proves nothing about its sender: anyone with the hs_token, or
+            // the homeserver's admin, can write one under an allowed user's name.
+            Err(refusal @ Refusal::Plaintext { .. }) => {
+                return self.refuse_plaintext(room, &message.event_id, sender, refusal).await;
+            }
+            _ => {}
+        }
+
+        // NB: checked now, when it is about to run, not when it arrived: it may have waited
+        // behind a backlog or for its room key.
+        let sent_ms = i64::from(message.origin_server_ts.0);
+        let reply = too_old(self.clock.now_ms(), sent_ms, self.config.command_max_age).map(|age| {
+            tracing::info!(event_id = %message.event_id, age_ms = age.as_millis() as u64, "not running an old command");
+            Reply::text(format!(
+                "not run: sent {} ago (commands older than {} are not run)",
+                human_duration(age),
+                human_duration(self.config.command_max_age)
+            ))
+        });
+
+        if self.config.echo_mode {
+            self.send_notice(room, None, &Reply::text(format!("🦞 {}", text.body)), &txn_id("echo", &message.event_id))
+                .await?;
+        }
+
+        let progress = self.store.progress(message.event_id.as_str())?;
+        let (reply, follow_up) = match (progress, reply) {
+            (Some(Progress::Replied), _) => return Ok(()),
+            (Some(Progress::Acted { reply }), _) => {
+                (Reply::text(reply), self.store.rollout(message.event_id.as_str())?)
+            }
+            (None, Some(reply)) => (reply, None),
+            (None, None) => {
+                let limited = decision.is_ok() && command.is_some() && !self.limiter.allow(sender, job.received_ms);
+                let (reply, follow_up) = match (decision, &parsed) {
+                    (Err(refusal), _) => {
+                        self.metrics.error(refusal.kind());
+                        tracing::info!(event_id = %message.event_id, sender = %sender, refusal = refusal.kind(), "refusing a command");
+                        (Some(replies::refusal(&refusal, sender)), None)
+                    }
+                    (Ok(_), Parsed::Command(_)) if limited => {
+                        self.metrics.error("rate_limited");
+                        (
+                            Some(format!(
+                                "Slow down: at most {} commands a minute. Try again shortly.",
+                                self.limiter.per_minute()
+                            )),
+                            None,
+                        )
+                    }
+                    (Ok(authorized), Parsed::Command(cmd)) => match resolution {
+                        Some(Err(why)) => (Some(why), None),
+                        Some(Ok(None)) => (None, None),
+                        _ => self.execute(cmd, message, authorized.targets, job).await,
+                    },
+                    (Ok(_), Parsed::Invalid(why)) => (Some(why.clone()), None),
+                    (Ok(_), Parsed::NotACommand) => (
+                        Some(format!(
+                            "Unknown command: {}\n{}",
+                            text.body.trim(),
+                            commands::help_text(&self.target_names())
+                        )),
+                        None,
+                    ),
+                };
+                let Some(reply) = reply else { return Ok(()) };
+                let rollout = follow_up.map(|f| Rollout {
+                    event_id: message.event_id.to_string(),
+                    room_id: room.to_string(),
+                    target: f.target.name,
+                    up: f.up,
+                    started_ms: now_ms(),
+                });
+                self.store.set_acted(message.event_id.as_str(), &reply, rollout.as_ref())?;
+                (Reply::text(reply), rollout)
+            }
+        };
+        self.send_notice(room, Some(&message.event_id), &reply, &txn_id("reply", &message.event_id)).await?;
+        self.metrics.transaction_to_reply_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+        self.store.set_progress(message.event_id.as_str(), &Progress::Replied)?;
+        if let Some(rollout) = follow_up {
+            self.follow_rollout(rollout);
+        }
+        Ok(())
+    }
+
+    /// Whether a refusal of `kind` may be said in `room` now: at most one an hour per room.
+    pub(super) fn refusal_due(&self, room: &RoomId, kind: &'static str, now_ms: i64) -> bool {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (room.to_owned(), kind);
+        let due = refusals.get(&key).is_none_or(|t| now_ms - t >= REFUSAL_INTERVAL_MS);
+        if due {
+            refusals.insert(key, now_ms);
+        }
+        due
+    }
+
+    /// How the event was verified, for [`policy::authorize`]. The trust policy is asked only
+    /// for people the bot works for: a stranger's flood causes no key queries.
+    pub(super) async fn verification(&self, sender: &UserId, encryption: Option<&EncryptionInfo>) -> Verified {
+        let Some(info) = encryption else { return Verified::Plaintext };
+        if !policy::is_known(&self.config, sender) {
+            return Verified::NotChecked;
+        }
+        match self.crypto.get() {
+            Some(crypto) => match crypto.check_trust(info, self.config.trust_policy).await {
+                Ok(()) => Verified::Trusted,
+                Err(why) => Verified::Untrusted(why),
+            },
+            None => Verified::Untrusted("Encryption is still being set up; send the command again in a moment.".into()),
+        }
+    }
+
+    /// Refuses a command that came unencrypted where only encrypted ones count; says why at
+    /// most once an hour per room.
+    pub(super) async fn refuse_plaintext(
+        &self,
+        room: &RoomId,
+        event_id: &EventId,
+        sender: &UserId,
+        refusal: &Refusal,
+    ) -> Result<(), BridgeError> {
+        self.metrics.error(refusal.kind());
+        tracing::warn!(
+            room_id = %room,
+            event_id = %event_id,
+            sender = %sender,
+            "refusing an unencrypted command: nothing proves who sent it"
+        );
+        if !self.refusal_due(room, "plaintext", self.clock.now_ms()) {
+            return Ok(());
+        }
+        let reply = Reply::text(replies::refusal(refusal, sender));
+        self.send_notice(room, Some(event_id), &reply, &txn_id("plaintext", event_id)).await
+    }
+
+    pub(super) async fn refuse(
+        &self,
+        job: &Job,
+        room: &RoomId,
+        event_id: &EventId,
+        sender: &UserId,
+    ) -> Result<(), BridgeError> {
+        tracing::info!(room_id = %room, sender = %sender, "ignoring a command from a user who is not allowed");
+        self.metrics.error("not_allowed");
+        if self.config.refusal != RefusalMode::Hourly {
+            return Ok(());
+        }
+        if self.refusal_due(room, "not_allowed", job.received_ms) {
+            let reply = Reply::text(replies::refusal(&Refusal::Stranger, sender));
+            self.send_notice(room, Some(event_id), &reply, &txn_id("refuse", event_id)).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn target_names(&self) -> Vec<String> {
+        self.config.targets.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// Picks the targets a command is about (for [`policy::authorize`] to narrow). `Err` is the
+    /// message to answer with, `Ok(None)` means stay silent (chatter naming no known target).
+    pub(super) fn resolve(&self, cmd: &Command, to_bot: bool) -> Result<Option<Vec<&Target>>, String> {
+        match cmd {
+            Command::Help | Command::Approve { .. } => return Ok(Some(Vec::new())),
+            Command::List => return Ok(Some(self.config.targets.iter().collect())),
+            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } => {}
+        }
+        match cmd.target() {
+            Some(name) => match self.config.target(name) {
+                Some(t) => Ok(Some(vec![t])),
+                None if !to_bot => Ok(None),
+                None => Err(format!("There is no target `{name}`. Targets: {}", self.target_names().join(", "))),
+            },
+            None if matches!(cmd, Command::Status { .. }) => Ok(Some(self.config.targets.iter().collect())),
+            None if self.config.targets.len() == 1 => Ok(Some(vec![&self.config.targets[0]])),
+            None => Err(format!("Which one? `{} <target>`. Targets: {}", cmd.name(), self.target_names().join(", "))),
+        }
+    }
+
+    /// Runs an authorized command on `targets` (those the sender may act on); returns the
+    /// reply (None = stay silent) and the target to watch.
+    pub(super) async fn execute(
+        &self,
+        cmd: &Command,
+        message: &OriginalRoomMessageEvent,
+        targets: Vec<&Target>,
+        job: &Job,
+    ) -> (Option<String>, Option<FollowUp>) {
+        let sender = &message.sender;
+        self.metrics.commands.get_or_create(&KindLabel { kind: cmd.name().into() }).inc();
+        tracing::info!(command = %cmd, sender = %sender, "command");
+        match cmd {
+            Command::Help => return (Some(commands::help_text(&self.target_names())), None),
+            Command::List => return (Some(replies::list_text(&targets)), None),
+            Command::Approve { user, fingerprint } => {
+                return (Some(self.approve(sender, user, fingerprint).await), None);
+            }
+            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } => {}
+        }
+        let Some(first) = targets.first().copied() else {
+            return (Some(replies::refusal(&Refusal::Target { permission: cmd.permission() }, sender)), None);
+        };
+        let scaler = match &self.scaler {
+            Ok(s) => s,
+            Err(e) => return (Some(format!("⚠️ {e}")), None),
+        };
+        match cmd {
+            Command::Status { .. } => {
+                let mut lines = Vec::new();
+                for t in targets {
+                    lines.push(match scaler.status(t).await {
+                        Ok(s) => status_line(t, &s),
+                        Err(e) => format!("⚠️ {}: {e}", t.name),
+                    });
+                }
+                (Some(lines.join("\n")), None)
+            }
+            Command::Start { replicas, .. } => {
+                if let Some(n) = replicas
+                    && *n > first.max_replicas
+                {
+                    return (Some(format!("{} allows at most {} replicas.", first.name, first.max_replicas)), None);
+                }
+                match self.patiently(message, scaler.start(first, *replicas, self.store.as_ref())).await {
+                    Ok(Change::Scaled { from, to }) => {
+                        self.metrics
+                            .transaction_to_patch_seconds
+                            .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+                        tracing::info!(target = %first.name, from, to, "scaled up");
+                        (
+                            Some(format!("{} is starting: {from} → {to} replicas.", first.name)),
+                            Some(FollowUp { target: first.clone(), up: true }),
+                        )
+                    }
+                    Ok(Change::Unchanged { replicas }) => {
+                        (Some(format!("{} is already on ({replicas} replicas).", first.name)), None)
+                    }
+                    Err(e) => {
+                        self.metrics.error("kubernetes");
+                        (Some(format!("⚠️ Could not start {}: {e}", first.name)), None)
+                    }
+                }
+            }
+            Command::Stop { .. } => match self.patiently(message, scaler.stop(first, self.store.as_ref())).await {
+                Ok(Change::Scaled { from, .. }) => {
+                    self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+                    tracing::info!(target = %first.name, from, "scaled to zero");
+                    (
+                        Some(format!("{} is stopping: {from} → 0 replicas (`start` brings back {from}).", first.name)),
+                        Some(FollowUp { target: first.clone(), up: false }),
+                    )
+                }
+                Ok(Change::Unchanged { .. }) => (Some(format!("{} is already off.", first.name)), None),
+                Err(e) => {
+                    self.metrics.error("kubernetes");
+                    (Some(format!("⚠️ Could not stop {}: {e}", first.name)), None)
+                }
+            },
+            Command::List | Command::Help | Command::Approve { .. } => unreachable!("answered above"),
+        }
+    }
+
+    /// Awaits a Kubernetes call; if it takes longer than the configured time, tells the
+    /// sender that it is still being tried.
+    pub(super) async fn patiently<T>(&self, message: &OriginalRoomMessageEvent, work: impl Future<Output = T>) -> T {
+        let work = std::pin::pin!(work);
+        let mut work = work;
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tokio::time::sleep(self.config.slow_notice) => {}
+        }
+        let notice = Reply::text("Kubernetes is slow to answer; still trying…");
+        if let Err(e) = self
+            .send_notice(&message.room_id, Some(&message.event_id), &notice, &txn_id("slow", &message.event_id))
+            .await
+        {
+            tracing::warn!(error = %e, "could not say that Kubernetes is slow");
+        }
+        work.await
+    }
+
+    /// `approve @user KEY`, once [`policy::authorize`] let it through: pins the new identity
+    /// if `quoted` is the start of its key.
+    pub(super) async fn approve(&self, approver: &UserId, user: &str, quoted: &str) -> String {
+        let Ok(user) = <&UserId>::try_from(user) else {
+            return format!("{user} is not a user id.");
+        };
+        let Some(crypto) = self.crypto.get() else {
+            return "Encryption is still being set up; try again in a moment.".into();
+        };
+        match crypto.approve_identity(user, quoted).await {
+            Ok(Approval::Approved) => {
+                tracing::info!(user = %user, approver = %approver, "approved a changed encryption identity");
+                format!("Approved {user}'s new encryption identity; their commands work again.")
+            }
+            Ok(Approval::NothingToApprove) => format!("{user} has no changed identity to approve."),
+            Ok(Approval::KeyMismatch { key }) => {
+                tracing::warn!(user = %user, approver = %approver, "an approval quoted another key than the new identity's");
+                format!(
+                    "Not approved: {quoted} is not the start of {user}'s new identity key, which is {key}. Check it with them again."
+                )
+            }
+            Err(e) => format!("⚠️ Could not approve {user}: {e}"),
+        }
+    }
+}
+
+/// What to watch after a start or stop.
+pub(super) struct FollowUp {
+    target: Target,
+    up: bool,
+}
