@@ -67,7 +67,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     ));
     let work = Arc::new(Notify::new());
     let reachable = Arc::new(AtomicBool::new(false));
-    let crypto = Arc::new(CryptoCell::default());
+    let crypto = Arc::new(CryptoCell::new(store.clone(), work.clone()));
     let state = AppState::new(
         config.registration.hs_token.clone(),
         store.clone(),
