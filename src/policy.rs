@@ -130,6 +130,31 @@ impl RateLimiter {
     }
 }
 
+/// Why the trust policy refuses an encrypted event's device or sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustRefusal {
+    /// The sender's cross-signing identity differs from the one pinned on first sight.
+    IdentityChanged {
+        /// The sender.
+        user: OwnedUserId,
+        /// The new identity's key, in groups of four.
+        key: String,
+    },
+    /// The device that sent it is not known.
+    UnknownDevice,
+    /// Under `cross-signed`: the device is not signed by its owner's identity.
+    DeviceNotCrossSigned {
+        /// The device.
+        device: ruma::OwnedDeviceId,
+    },
+    /// The crypto store could not answer.
+    CheckFailed(String),
+    /// Encryption is still being set up.
+    NotReady,
+    /// The sender is someone the bot does not work for, so the policy was not asked.
+    NotChecked,
+}
+
 /// How the event carrying a command was verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verified {
@@ -137,10 +162,8 @@ pub enum Verified {
     Plaintext,
     /// Decrypted, from a device and identity the trust policy accepts.
     Trusted,
-    /// Decrypted, but the trust policy refuses the device or identity; the reason.
-    Untrusted(String),
-    /// Decrypted, but not checked: the sender is someone the bot does not work for.
-    NotChecked,
+    /// Decrypted, but the trust policy refuses the device or identity.
+    Untrusted(TrustRefusal),
 }
 
 /// What a message asks, as [`authorize`] sees it.
@@ -170,8 +193,8 @@ pub enum Refusal {
         /// Whether the room is encrypted (else `REQUIRE_ENCRYPTION` refused it).
         encrypted_room: bool,
     },
-    /// The trust policy refuses the sending device or identity; the reason.
-    Untrusted(String),
+    /// The trust policy refuses the sending device or identity.
+    Untrusted(TrustRefusal),
     /// A viewer asked for a command that changes something.
     ViewOnly {
         /// The command's name.
@@ -265,9 +288,6 @@ pub fn authorize<'a>(config: &'a Config, request: Request<'a>) -> Result<Authori
             return Err(Refusal::Plaintext { encrypted_room: request.room_encrypted });
         }
         Verified::Untrusted(why) => return Err(Refusal::Untrusted(why.clone())),
-        Verified::NotChecked => {
-            return Err(Refusal::Untrusted("I could not check who sent this, so I won't act on it.".into()));
-        }
         Verified::Plaintext | Verified::Trusted => {}
     }
     let Some(command) = request.command else {
@@ -462,9 +482,11 @@ mod tests {
         fn an_untrusted_or_unchecked_device_is_refused_whatever_it_asks() {
             let c = config(&[]);
             let alice = user("@alice:x.org");
-            let refused = ask(&c, &alice, &Command::Help, Verified::Untrusted("changed".into()), true);
-            assert_eq!(refused, Err(Refusal::Untrusted("changed".into())));
-            assert!(matches!(ask(&c, &alice, &Command::Help, Verified::NotChecked, true), Err(Refusal::Untrusted(_))));
+            let changed = TrustRefusal::IdentityChanged { user: alice.clone(), key: "Xk3d 9aQ2".into() };
+            let refused = ask(&c, &alice, &Command::Help, Verified::Untrusted(changed.clone()), true);
+            assert_eq!(refused, Err(Refusal::Untrusted(changed)));
+            let unchecked = ask(&c, &alice, &Command::Help, Verified::Untrusted(TrustRefusal::NotChecked), true);
+            assert_eq!(unchecked, Err(Refusal::Untrusted(TrustRefusal::NotChecked)));
         }
 
         #[test]

@@ -8,7 +8,7 @@ use ruma::UserId;
 use crate::{
     commands::Permission,
     config::Target,
-    policy::Refusal,
+    policy::{Refusal, TrustRefusal},
     scaler::{State, WorkloadStatus},
 };
 
@@ -28,7 +28,7 @@ pub fn refusal(refusal: &Refusal, sender: &UserId) -> String {
             "Not run: commands must be encrypted (REQUIRE_ENCRYPTION=true) and this room is not. \
              Turn on encryption in the room's settings, then send the command again. {ONCE_AN_HOUR}"
         ),
-        Refusal::Untrusted(why) => why.clone(),
+        Refusal::Untrusted(why) => trust_refusal(why),
         Refusal::ViewOnly { command } => format!(
             "You may look but not change anything: `{command}` needs ALLOWED_USERS, and you are in VIEWERS."
         ),
@@ -43,6 +43,28 @@ pub fn refusal(refusal: &Refusal, sender: &UserId) -> String {
         Refusal::ApproveReach { user, target } => {
             format!("You may not approve {user}: they may operate {target}, which you may not.")
         }
+    }
+}
+
+/// Why the trust policy would not let a message act.
+pub fn trust_refusal(why: &TrustRefusal) -> String {
+    match why {
+        TrustRefusal::IdentityChanged { user, key } => format!(
+            "I won't act on commands from {user} right now: their encryption identity changed since I first saw it. \
+             The new identity's key is {key}. If that is expected (a new login after a reset), another allowed user who \
+             has checked this key with {user} can send `approve {user} KEY` with at least its first {} characters.",
+            crate::commands::MIN_FINGERPRINT
+        ),
+        TrustRefusal::UnknownDevice => "I cannot tell which device sent this, so I won't act on it.".into(),
+        TrustRefusal::DeviceNotCrossSigned { device } => format!(
+            "I only take commands from devices their owner has verified (TRUST_POLICY=cross-signed), and {device} is not: \
+             verify this session from one of your other sessions, then send the command again."
+        ),
+        TrustRefusal::CheckFailed(e) => {
+            format!("I could not check the sender's encryption identity or device ({e}); try again.")
+        }
+        TrustRefusal::NotReady => "Encryption is still being set up; send the command again in a moment.".into(),
+        TrustRefusal::NotChecked => "I could not check who sent this, so I won't act on it.".into(),
     }
 }
 
@@ -103,5 +125,32 @@ pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) ->
             s.message.as_deref().map(|m| format!(" {m}")).unwrap_or_default()
         ),
         (false, _) => format!("{} is still stopping after {secs} s: {} pods left", t.name, s.current),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_identity_is_refused_with_its_key_and_how_to_approve_it() {
+        let user = ruma::user_id!("@alice:x.org").to_owned();
+        let text = trust_refusal(&TrustRefusal::IdentityChanged { user, key: "Xk3d 9aQ2 Lm".into() });
+        assert!(text.contains("their encryption identity changed"), "{text}");
+        assert!(text.contains("The new identity's key is Xk3d 9aQ2 Lm."), "{text}");
+        assert!(text.contains("`approve @alice:x.org KEY` with at least its first 8 characters"), "{text}");
+    }
+
+    #[test]
+    fn every_refusal_names_what_to_do_or_why() {
+        let sender = ruma::user_id!("@bob:x.org");
+        let plaintext = refusal(&Refusal::Plaintext { encrypted_room: true }, sender);
+        assert!(plaintext.contains("encryption turned on") && plaintext.contains(ONCE_AN_HOUR), "{plaintext}");
+        let required = refusal(&Refusal::Plaintext { encrypted_room: false }, sender);
+        assert!(required.contains("REQUIRE_ENCRYPTION=true"), "{required}");
+        let viewer = refusal(&Refusal::ViewOnly { command: "stop" }, sender);
+        assert!(viewer.contains("`stop` needs ALLOWED_USERS"), "{viewer}");
+        let stranger = refusal(&Refusal::Stranger, sender);
+        assert!(stranger.contains("@bob:x.org") && stranger.contains("ALLOWED_USERS"), "{stranger}");
     }
 }

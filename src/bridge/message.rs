@@ -153,14 +153,14 @@ impl Bridge {
     pub(super) async fn verification(&self, sender: &UserId, encryption: Option<&EncryptionInfo>) -> Verified {
         let Some(info) = encryption else { return Verified::Plaintext };
         if !policy::is_known(&self.config, sender) {
-            return Verified::NotChecked;
+            return Verified::Untrusted(TrustRefusal::NotChecked);
         }
         match self.crypto.get() {
             Some(crypto) => match crypto.check_trust(info, self.config.trust_policy).await {
                 Ok(()) => Verified::Trusted,
                 Err(why) => Verified::Untrusted(why),
             },
-            None => Verified::Untrusted("Encryption is still being set up; send the command again in a moment.".into()),
+            None => Verified::Untrusted(TrustRefusal::NotReady),
         }
     }
 

@@ -54,7 +54,7 @@ use crate::{
     crypto::{Approval, CryptoCell, CryptoError, Decryption},
     matrix::{MatrixClient, MatrixError},
     metrics::{KindLabel, Metrics},
-    policy::{self, RateLimiter, Refusal, Request, Verified},
+    policy::{self, RateLimiter, Refusal, Request, TrustRefusal, Verified},
     replies,
     rooms::Rooms,
     scaler::{Change, ScaleError, Scaler},

@@ -52,6 +52,7 @@ use crate::{
     config::{Config, TrustPolicy},
     matrix::{MatrixClient, MatrixError},
     metrics::Metrics,
+    policy::TrustRefusal,
     store::{Store, StoreError},
 };
 
@@ -373,29 +374,23 @@ impl Crypto {
     /// keeps the pin): while it differs from the pinned one, the sender is refused until another
     /// allowed user approves the new one. `cross-signed` also needs the device to be signed by
     /// that identity.
-    pub async fn check_trust(&self, info: &EncryptionInfo, policy: TrustPolicy) -> Result<(), String> {
+    pub async fn check_trust(&self, info: &EncryptionInfo, policy: TrustPolicy) -> Result<(), TrustRefusal> {
         let sender = &info.sender;
         let identity = match self.machine.get_identity(sender, None).await {
             Ok(identity) => identity,
-            Err(e) => return Err(format!("I could not check {sender}'s encryption identity ({e}); try again.")),
+            Err(e) => return Err(TrustRefusal::CheckFailed(e.to_string())),
         };
         if let Some(UserIdentity::Other(identity)) = &identity
             && identity.identity_needs_user_approval()
         {
             let key = identity.master_key().get_first_key().map(|k| k.to_base64()).unwrap_or_default();
-            return Err(format!(
-                "I won't act on commands from {sender} right now: their encryption identity changed since I first saw it. \
-                 The new identity's key is {}. If that is expected (a new login after a reset), another allowed user who \
-                 has checked this key with {sender} can send `approve {sender} KEY` with at least its first {} characters.",
-                grouped(&key),
-                crate::commands::MIN_FINGERPRINT
-            ));
+            return Err(TrustRefusal::IdentityChanged { user: sender.clone(), key: grouped(&key) });
         }
         match policy {
             TrustPolicy::Tofu => Ok(()),
             TrustPolicy::CrossSigned => {
                 let Some(device_id) = &info.sender_device else {
-                    return Err("I cannot tell which device sent this, so I won't act on it.".into());
+                    return Err(TrustRefusal::UnknownDevice);
                 };
                 let signed = || async {
                     self.machine
@@ -414,11 +409,8 @@ impl Crypto {
                 }
                 match answer {
                     Ok(true) => Ok(()),
-                    Ok(false) => Err(format!(
-                        "I only take commands from devices their owner has verified (TRUST_POLICY=cross-signed), and {device_id} is not: \
-                         verify this session from one of your other sessions, then send the command again."
-                    )),
-                    Err(e) => Err(format!("I could not check your device ({e}); try again.")),
+                    Ok(false) => Err(TrustRefusal::DeviceNotCrossSigned { device: device_id.clone() }),
+                    Err(e) => Err(TrustRefusal::CheckFailed(e.to_string())),
                 }
             }
         }
