@@ -53,6 +53,14 @@ impl Stack {
         User::new(&self.synapse.url, id, token)
     }
 
+    /// A room of `user`, `other` and the bot, all joined.
+    async fn group_room(&self, user: &User, other: &User) -> String {
+        let room = user.create_room(&[BOT, &other.user_id], false).await;
+        user.wait_for_membership(&room, BOT, "join", WAIT).await;
+        other.join(&room).await;
+        room
+    }
+
     /// A DM between `user` and the bot, joined.
     async fn dm(&self, user: &User) -> String {
         let room = user.create_room(&[BOT], false).await;
@@ -126,9 +134,7 @@ async fn a_user_who_is_not_allowed_causes_no_patch_and_no_reply_and_their_invite
     let s = stack(1).await;
     let alice = s.user("alice").await;
     let mallory = s.user("mallory").await;
-    let room = alice.create_room(&[BOT, &mallory.user_id], false).await;
-    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
-    mallory.join(&room).await;
+    let room = s.group_room(&alice, &mallory).await;
 
     mallory.send_text(&room, "!toggle stop").await;
     mallory.send_text(&room, "stop").await;
@@ -147,9 +153,7 @@ async fn chatter_in_a_group_room_gets_no_answer() {
     let s = stack(1).await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let room = alice.create_room(&[BOT, &bob.user_id], false).await;
-    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
-    bob.join(&room).await;
+    let room = s.group_room(&alice, &bob).await;
     alice.send_text(&room, "good morning everyone").await;
     alice.send_text(&room, "stop the music please").await;
     // NB: said to bob, not to the bot: in a room with more than one person it must be addressed.
@@ -169,9 +173,7 @@ async fn a_viewer_sees_status_and_list_but_cannot_stop() {
     let s = stack_with(|s, _| s.env("VIEWERS", "@vic:localhost"), api).await;
     let alice = s.user("alice").await;
     let vic = s.user("vic").await;
-    let room = alice.create_room(&[BOT, &vic.user_id], false).await;
-    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
-    vic.join(&room).await;
+    let room = s.group_room(&alice, &vic).await;
     vic.send_text(&room, "!toggle stop").await;
     vic.send_text(&room, "!toggle status").await;
     let replies = alice.wait_for_messages(&room, BOT, 2, WAIT).await;
@@ -187,9 +189,7 @@ async fn with_bare_commands_always_a_bare_command_in_a_group_room_is_obeyed_as_b
     let s = stack_with(|s, _| s.env("BARE_COMMANDS", "always"), api).await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let room = alice.create_room(&[BOT, &bob.user_id], false).await;
-    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
-    bob.join(&room).await;
+    let room = s.group_room(&alice, &bob).await;
     alice.send_text(&room, "stop the music please").await;
     alice.send_text(&room, "stop").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
@@ -344,9 +344,7 @@ async fn the_bot_leaves_a_room_where_no_allowed_user_is_left() {
     let s = stack(0).await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let room = alice.create_room(&[BOT, &bob.user_id], false).await;
-    alice.wait_for_membership(&room, BOT, "join", WAIT).await;
-    bob.join(&room).await;
+    let room = s.group_room(&alice, &bob).await;
     alice.send_text(&room, "!toggle status").await;
     alice.wait_for_messages(&room, BOT, 1, WAIT).await;
     alice.leave(&room).await;

@@ -12,7 +12,7 @@ use support::{
     bridge::{BridgeProcess, BridgeSetup, tokens},
     client::User,
     e2ee::E2eeClient,
-    free_port,
+    free_port, proxied,
     proxy::Proxy,
     scratch_dir,
     synapse::Synapse,
@@ -583,6 +583,16 @@ async fn ask(room: &RoomId, watcher: &E2eeClient, who: &E2eeClient, text: &str) 
     watcher.wait_for_messages(room, &bot(), n + 1).await[n].body.clone()
 }
 
+/// The refusal `who` gets once the bot has seen their new identity (until their client has
+/// published it, the bot may still see the old one: `status` is asked until then).
+async fn refusal_of_a_changed_identity(room: &RoomId, who: &E2eeClient) -> String {
+    support::eventually(Duration::from_secs(30), "the new identity to be refused", || async {
+        let answer = ask(room, who, who, "!toggle status").await;
+        answer.contains("their encryption identity changed").then_some(answer)
+    })
+    .await
+}
+
 /// The key a refusal says the new identity has, without its spaces.
 fn refused_key(refusal: &str) -> String {
     let start = refusal.find("The new identity's key is ").expect("the refusal names the key") + 26;
@@ -639,11 +649,7 @@ async fn under_tofu_a_changed_identity_is_refused_until_another_allowed_user_who
 
     reset_identity(&alice).await;
     // NB: until alice's client has published it, the bot may still see the old identity.
-    let refusal = support::eventually(Duration::from_secs(30), "alice's new identity to be refused", || async {
-        let answer = ask(&room, &alice, &alice, "!toggle status").await;
-        answer.contains("their encryption identity changed").then_some(answer)
-    })
-    .await;
+    let refusal = refusal_of_a_changed_identity(&room, &alice).await;
     let key = refused_key(&refusal);
     assert!(key.len() >= 40, "{refusal}");
     let answer = ask(&room, &alice, &bob, &format!("!toggle approve @alice:localhost {}", &key[..8])).await;
@@ -685,11 +691,7 @@ async fn under_cross_signed_a_reset_identity_signing_its_device_is_refused_until
 
     // NB: the new identity signs alice's device, so only the pin tells it from the first one.
     reset_identity(&alice).await;
-    let refusal = support::eventually(Duration::from_secs(30), "alice's new identity to be refused", || async {
-        let answer = ask(&room, &alice, &alice, "!toggle status").await;
-        answer.contains("their encryption identity changed").then_some(answer)
-    })
-    .await;
+    let refusal = refusal_of_a_changed_identity(&room, &alice).await;
     assert!(s.scale_patches().is_empty());
 
     let answer = ask(&room, &alice, &alice, "!toggle start").await;
@@ -718,22 +720,13 @@ async fn after_a_restart_a_member_invited_to_a_joined_only_room_is_sent_no_room_
             },
         },
     };
-    let dir = scratch_dir();
-    let api = TestApiServer::start().await.unwrap();
-    api.add_deployment("clawdbot", "clawdbot", 0);
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let setup = BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap());
-    let synapse = Synapse::start(dir.path(), &setup.registration);
     // NB: the bridge reaches Synapse through a proxy that shows which devices it sends keys to.
-    let proxy_port = free_port();
-    let proxy = Proxy::start(proxy_port, &synapse.url).await;
-    proxy.record_paths_containing("/sendToDevice/");
-    let mut bridge = setup.start(&format!("http://127.0.0.1:{proxy_port}")).await;
+    let mut s = proxied::start(|proxy| proxy.record_paths_containing("/sendToDevice/")).await;
+    let (synapse, dir) = (&s.synapse, s.dir.path().to_owned());
     synapse.register("alice").await;
     synapse.register("bob").await;
-    let alice = E2eeClient::login(&synapse.url, "alice", &dir.path().join("client-alice")).await;
-    let bob = E2eeClient::login(&synapse.url, "bob", &dir.path().join("client-bob")).await;
+    let alice = E2eeClient::login(&synapse.url, "alice", &dir.join("client-alice")).await;
+    let bob = E2eeClient::login(&synapse.url, "bob", &dir.join("client-bob")).await;
 
     let mut request = CreateRoom::new();
     request.visibility = Visibility::Private;
@@ -751,14 +744,14 @@ async fn after_a_restart_a_member_invited_to_a_joined_only_room_is_sent_no_room_
     .await;
     assert!(ask(&room, &alice, &alice, "status").await.starts_with("clawdbot is off"));
 
-    bridge.terminate();
-    bridge.start_again().await;
+    s.bridge.terminate();
+    s.bridge.start_again().await;
     alice.client.get_room(&room).unwrap().invite_user_by_id(&bob.user_id()).await.unwrap();
     bob.room(&room).await;
-    proxy.take_recorded();
+    s.proxy.take_recorded();
     assert!(ask(&room, &alice, &alice, "!toggle status").await.starts_with("clawdbot is off"));
     let to_bob: Vec<_> =
-        proxy.take_recorded().into_iter().filter(|(_, body)| body.contains("@bob:localhost")).collect();
+        s.proxy.take_recorded().into_iter().filter(|(_, body)| body.contains("@bob:localhost")).collect();
     assert!(to_bob.is_empty(), "an invited member of a joined-only room was sent the room key: {to_bob:?}");
 }
 

@@ -10,9 +10,7 @@ use serde_json::Value;
 use support::{
     bridge::{BridgeProcess, BridgeSetup},
     client::User,
-    eventually, free_port,
-    proxy::Proxy,
-    scratch_dir,
+    eventually, proxied, scratch_dir,
     synapse::Synapse,
 };
 use test_apiserver::{ControllerMode, Fault, TestApiServer};
@@ -209,18 +207,9 @@ async fn a_command_that_waited_behind_a_slow_one_past_the_maximum_age_is_not_run
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_encryption_unable_to_start_a_command_in_a_plain_room_is_still_answered() {
-    let dir = scratch_dir();
-    let api = TestApiServer::start().await.unwrap();
-    api.add_deployment("clawdbot", "clawdbot", 0);
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let setup = BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap());
-    let synapse = Synapse::start(dir.path(), &setup.registration);
     // NB: the bridge reaches Synapse through a proxy that refuses to create its device.
-    let proxy_port = free_port();
-    let proxy = Proxy::start(proxy_port, &synapse.url).await;
-    proxy.refuse_paths_containing("/_matrix/client/v3/devices/", 500);
-    let bridge = setup.start(&format!("http://127.0.0.1:{proxy_port}")).await;
+    let s = proxied::start(|proxy| proxy.refuse_paths_containing("/_matrix/client/v3/devices/", 500)).await;
+    let (synapse, bridge) = (&s.synapse, &s.bridge);
     let (id, token) = synapse.register("alice").await;
     let alice = User::new(&synapse.url, id, token);
 
