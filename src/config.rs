@@ -130,6 +130,34 @@ pub struct Target {
     pub viewers: Option<AllowList>,
 }
 
+impl Target {
+    /// A target named `name` switching the Deployment of that name in `namespace`, with the
+    /// defaults (10 replicas at most, no narrower lists); change it with the `with_` methods.
+    pub fn deployment(name: &str, namespace: &str) -> Self {
+        Target {
+            name: name.to_ascii_lowercase(),
+            kind: WorkloadKind::Deployment,
+            namespace: namespace.to_owned(),
+            workload: name.to_owned(),
+            max_replicas: DEFAULT_MAX_REPLICAS,
+            allowed_users: None,
+            viewers: None,
+        }
+    }
+
+    /// The same target, switching a workload of `kind`.
+    pub fn with_kind(mut self, kind: WorkloadKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// The same target, switching the workload named `workload`.
+    pub fn with_workload(mut self, workload: &str) -> Self {
+        self.workload = workload.to_owned();
+        self
+    }
+}
+
 /// The validated configuration.
 #[derive(Clone)]
 pub struct Config {
@@ -415,15 +443,7 @@ impl Config {
                     .map(str::to_owned)
                     .or(raw.deployment_namespace)
                     .unwrap_or_else(|| "clawdbot".into());
-                vec![Target {
-                    name: workload.trim().to_ascii_lowercase(),
-                    kind: WorkloadKind::Deployment,
-                    namespace: namespace.trim().to_owned(),
-                    workload: workload.trim().to_owned(),
-                    max_replicas: DEFAULT_MAX_REPLICAS,
-                    allowed_users: None,
-                    viewers: None,
-                }]
+                vec![Target::deployment(workload.trim(), namespace.trim())]
             }
         };
 

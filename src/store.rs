@@ -620,15 +620,7 @@ mod tests {
             config::{Target, WorkloadKind},
             scaler::ReplicaMemory,
         };
-        let target = |kind, workload: &str| Target {
-            name: "web".into(),
-            kind,
-            namespace: "apps".into(),
-            workload: workload.into(),
-            max_replicas: 10,
-            allowed_users: None,
-            viewers: None,
-        };
+        let target = |kind, workload: &str| Target::deployment("web", "apps").with_kind(kind).with_workload(workload);
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();

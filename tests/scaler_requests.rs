@@ -15,15 +15,7 @@ use tower_test::mock::{Handle, pair};
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 fn target(kind: WorkloadKind) -> Target {
-    Target {
-        name: "clawdbot".into(),
-        kind,
-        namespace: "clawdbot".into(),
-        workload: "clawdbot".into(),
-        max_replicas: 10,
-        allowed_users: None,
-        viewers: None,
-    }
+    Target::deployment("clawdbot", "clawdbot").with_kind(kind)
 }
 
 fn scaler() -> (Scaler, ApiHandle) {

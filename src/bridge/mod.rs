@@ -314,21 +314,10 @@ impl JobHandler for Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::WorkloadKind,
-        scaler::{State, WorkloadStatus},
-    };
+    use crate::scaler::{State, WorkloadStatus};
 
     fn target() -> Target {
-        Target {
-            name: "clawdbot".into(),
-            kind: WorkloadKind::Deployment,
-            namespace: "clawdbot".into(),
-            workload: "clawdbot".into(),
-            max_replicas: 10,
-            allowed_users: None,
-            viewers: None,
-        }
+        Target::deployment("clawdbot", "clawdbot")
     }
 
     fn status(state: State, desired: i32, ready: i32, message: Option<&str>) -> WorkloadStatus {
