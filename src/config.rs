@@ -561,10 +561,8 @@ impl Config {
 pub(crate) mod testing {
     use super::*;
 
-    /// A configuration for server `example.org` from the YAML `file` and the variables `env`,
-    /// with a generated registration.
-    pub(crate) fn config(file: &str, env: &[(&str, &str)]) -> Config {
-        let dir = tempfile::tempdir().unwrap();
+    /// Writes a generated registration for `example.org`, url port 9123, into `dir`.
+    pub(crate) fn registration(dir: &Path) -> PathBuf {
         let reg = Registration::generate(
             "k8s-toggle",
             &Url::parse("http://127.0.0.1:9123").unwrap(),
@@ -572,8 +570,16 @@ pub(crate) mod testing {
             "toggle",
         )
         .unwrap();
-        let reg_path = dir.path().join("registration.yaml");
-        std::fs::write(&reg_path, reg.to_yaml()).unwrap();
+        let path = dir.join("registration.yaml");
+        std::fs::write(&path, reg.to_yaml()).unwrap();
+        path
+    }
+
+    /// A configuration for server `example.org` from the YAML `file` and the variables `env`,
+    /// with a generated registration.
+    pub(crate) fn config(file: &str, env: &[(&str, &str)]) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let reg_path = registration(dir.path());
         let file_path = dir.path().join("config.yaml");
         std::fs::write(&file_path, file).unwrap();
         let mut vars = BTreeMap::new();
@@ -589,7 +595,6 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registration::parse_server_name;
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -599,15 +604,7 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let reg = Registration::generate(
-                "k8s-toggle",
-                &Url::parse("http://127.0.0.1:9123").unwrap(),
-                &parse_server_name("example.org").unwrap(),
-                "toggle",
-            )
-            .unwrap();
-            let reg_path = dir.path().join("reg.yaml");
-            std::fs::write(&reg_path, reg.to_yaml()).unwrap();
+            let reg_path = testing::registration(dir.path());
             let mut env = BTreeMap::new();
             env.insert("MATRIX_HOMESERVER".into(), "http://127.0.0.1:8008".into());
             env.insert("MATRIX_SERVER_NAME".into(), "example.org".into());

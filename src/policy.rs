@@ -5,12 +5,12 @@
 use std::{fmt, str::FromStr};
 
 use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
+use serde::{Deserialize, Deserializer};
 
 use crate::{
     commands::{Command, Permission},
     config::{Config, Target},
 };
-use serde::{Deserialize, Deserializer};
 
 /// One `ALLOWED_USERS` entry: a full user id, or `@*:domain` for everyone on a server.
 #[derive(Clone, PartialEq, Eq, Hash)]

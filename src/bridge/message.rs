@@ -21,7 +21,8 @@ impl Bridge {
         if !self.rooms.is_loaded(room) {
             self.load_room(room).await?;
         }
-        let joined = self.rooms.get(room).map_or(0, |r| r.joined().count());
+        let info = self.rooms.get(room).unwrap_or_default();
+        let joined = info.joined().count();
         let addressed = match self.config.bare_commands {
             _ if joined <= 2 => Addressed::ToBot,
             BareCommands::Dm => Addressed::ToRoom,
@@ -45,7 +46,7 @@ impl Bridge {
                 Some(Ok(Some(targets))) => targets.clone(),
                 _ => Vec::new(),
             },
-            room_encrypted: self.rooms.get(room).is_some_and(|r| r.encrypted),
+            room_encrypted: info.encrypted,
             verified: self.verification(sender, encryption).await,
         };
         let decision = policy::authorize(&self.config, request);
