@@ -1,6 +1,9 @@
 //! Configuration: one struct from an optional YAML file and the environment, validated once.
 //!
 //! Environment variables win over the file. Every error names the setting and how to fix it.
+//! Which settings there are, their names, defaults and parsers: [`settings`].
+
+pub mod settings;
 
 use std::{
     collections::BTreeMap,
@@ -19,6 +22,7 @@ use crate::{
     registration::{Registration, RegistrationError},
     secret::Secret,
 };
+use settings::*;
 
 /// Default homeserver URL, the same as the bot this replaces.
 pub const DEFAULT_HOMESERVER: &str = "http://synapse.matrix.svc.cluster.local:8008";
@@ -257,37 +261,6 @@ struct RawTarget {
     viewers: Option<Vec<String>>,
 }
 
-/// The config file: every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    homeserver: Option<String>,
-    server_name: Option<String>,
-    registration_path: Option<PathBuf>,
-    listen_address: Option<String>,
-    state_dir: Option<PathBuf>,
-    allowed_users: Option<Vec<String>>,
-    viewers: Option<Vec<String>>,
-    deployment_name: Option<String>,
-    deployment_namespace: Option<String>,
-    targets: Option<Vec<RawTarget>>,
-    echo_mode: Option<bool>,
-    display_name: Option<String>,
-    command_max_age_secs: Option<u64>,
-    rollout_timeout_secs: Option<u64>,
-    decryption_wait_secs: Option<u64>,
-    commands_per_minute: Option<u32>,
-    leave_rooms_without_allowed_users: Option<bool>,
-    slow_notice_secs: Option<u64>,
-    unauthorized_reply: Option<RefusalMode>,
-    trust_policy: Option<TrustPolicy>,
-    require_encryption: Option<bool>,
-    bare_commands: Option<BareCommands>,
-    crypto_store_passphrase_file: Option<PathBuf>,
-    log_level: Option<String>,
-    log_format: Option<LogFormat>,
-}
-
 /// Default upper bound for `start <replicas>`.
 pub const DEFAULT_MAX_REPLICAS: i32 = 10;
 
@@ -295,31 +268,72 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { setting, message: message.into() }
 }
 
-fn parse_bool(setting: &'static str, v: &str) -> Result<bool, ConfigError> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
-        other => Err(invalid(setting, format!("{other:?} is not a boolean; use true or false"))),
+/// The config file's top-level mapping (empty without a file).
+fn read_file(path: Option<&Path>) -> Result<serde_yaml::Mapping, ConfigError> {
+    let Some(p) = path else { return Ok(serde_yaml::Mapping::new()) };
+    let file_error = |message: String| ConfigError::File { path: p.display().to_string(), message };
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| file_error(format!("{e}; fix CONFIG_PATH / --config or create the file")))?;
+    match serde_yaml::from_str::<serde_yaml::Value>(&text).map_err(|e| file_error(e.to_string()))? {
+        serde_yaml::Value::Null => Ok(serde_yaml::Mapping::new()),
+        serde_yaml::Value::Mapping(m) => Ok(m),
+        _ => Err(file_error("the file must be a mapping of keys to values".into())),
     }
 }
 
-fn parse_secs(setting: &'static str, v: &str) -> Result<u64, ConfigError> {
-    v.trim().parse().map_err(|_| invalid(setting, format!("{v:?} is not a whole number of seconds")))
-}
-
-/// A list of user patterns from the environment (comma-separated) or else the file (a YAML
-/// list); `None` when neither has it. One parser for every list of users.
-fn user_list(env: Option<&str>, file: Option<Vec<String>>) -> Result<Option<AllowList>, String> {
-    match (env, file) {
-        (Some(s), _) => AllowList::parse_list(s).map(Some),
-        (None, Some(list)) => list.iter().map(|s| s.parse()).collect::<Result<_, _>>().map(|l| Some(AllowList(l))),
-        (None, None) => Ok(None),
+/// The targets under the file key `targets`, checked: one-word unique names, a sane
+/// `max_replicas`, lists of users parsed as everywhere else.
+fn targets_from_file(value: &serde_yaml::Value) -> Result<Vec<Target>, ConfigError> {
+    let list: Vec<RawTarget> =
+        serde_yaml::from_value(value.clone()).map_err(|e| invalid(TARGETS_KEY, e.to_string()))?;
+    let users = |name: &str, what: &str, list: Option<Vec<String>>| {
+        list.map(|l| settings::parse_users(&l.join(",")))
+            .transpose()
+            .map_err(|m| invalid(TARGETS_KEY, format!("{name}: {what}: {m}")))
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for t in list {
+        let name = t.name.trim().to_ascii_lowercase();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(invalid(TARGETS_KEY, format!("target name {:?} must be one word", t.name)));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(invalid(TARGETS_KEY, format!("target name {name:?} is used twice")));
+        }
+        let max_replicas = t.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS);
+        if max_replicas < 1 {
+            return Err(invalid(TARGETS_KEY, format!("{name}: max_replicas must be at least 1")));
+        }
+        out.push(Target {
+            allowed_users: users(&name, "allowed_users", t.allowed_users)?,
+            viewers: users(&name, "viewers", t.viewers)?,
+            workload: t.workload.unwrap_or_else(|| name.clone()),
+            namespace: t.namespace.unwrap_or_else(|| "default".into()),
+            name,
+            kind: t.kind,
+            max_replicas,
+        });
     }
+    if out.is_empty() {
+        return Err(invalid(TARGETS_KEY, "the list is empty; name at least one workload or remove the key"));
+    }
+    Ok(out)
 }
 
-fn parse_enum<T: for<'de> Deserialize<'de>>(setting: &'static str, v: &str, choices: &str) -> Result<T, ConfigError> {
-    serde_yaml::from_str(&v.trim().to_ascii_lowercase())
-        .map_err(|_| invalid(setting, format!("{v:?} is not one of {choices}")))
+/// The passphrase of the crypto store: the variable, else the file it names, else none.
+fn passphrase(src: &Sources<'_>) -> Result<Option<Secret>, ConfigError> {
+    if let Some(p) = src.get(&PASSPHRASE)? {
+        return Ok(Some(Secret::new(p)));
+    }
+    let Some(f) = src.get(&PASSPHRASE_FILE)? else { return Ok(None) };
+    let name = PASSPHRASE_FILE.about.name();
+    let text = std::fs::read_to_string(&f).map_err(|e| invalid(name, format!("cannot read {}: {e}", f.display())))?;
+    let p = text.trim_end_matches(['\n', '\r']).to_owned();
+    if p.is_empty() {
+        return Err(invalid(name, format!("{} is empty", f.display())));
+    }
+    Ok(Some(Secret::new(p)))
 }
 
 impl Config {
@@ -329,69 +343,31 @@ impl Config {
         Self::load(config_path, &vars)
     }
 
-    /// Loads the configuration from `env` (variable → value) and an optional file.
+    /// Loads the configuration from `env` (variable → value) and an optional file, setting by
+    /// setting from [`settings`].
     pub fn load(config_path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |k: &str| env.get(k).map(String::as_str).filter(|v| !v.trim().is_empty());
-        let path = config_path.map(Path::to_path_buf).or_else(|| get("CONFIG_PATH").map(PathBuf::from));
-        let raw = match &path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
-                    path: p.display().to_string(),
-                    message: format!("{e}; fix CONFIG_PATH / --config or create the file"),
-                })?;
-                serde_yaml::from_str::<Option<RawConfig>>(&text)
-                    .map_err(|e| ConfigError::File { path: p.display().to_string(), message: e.to_string() })?
-                    .unwrap_or_default()
-            }
-            None => RawConfig::default(),
-        };
-
-        let homeserver_s = get("MATRIX_HOMESERVER")
-            .map(str::to_owned)
-            .or(raw.homeserver)
-            .unwrap_or_else(|| DEFAULT_HOMESERVER.to_owned());
-        let homeserver = Url::parse(homeserver_s.trim())
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| invalid("MATRIX_HOMESERVER", format!("{homeserver_s:?} is not an http(s) URL; set it to the client-server API base, e.g. http://synapse:8008")))?;
-
-        let server_name_s = get("MATRIX_SERVER_NAME").map(str::to_owned).or(raw.server_name).ok_or_else(|| {
-            invalid(
-                "MATRIX_SERVER_NAME",
-                "not set; set it to your homeserver's server name (the part after ':' in user ids, e.g. example.org)",
-            )
+        let path = config_path
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("CONFIG_PATH").filter(|v| !v.trim().is_empty()).map(PathBuf::from));
+        let src = Sources::new(env, read_file(path.as_deref())?).map_err(|message| ConfigError::File {
+            path: path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            message,
         })?;
-        let server_name = crate::registration::parse_server_name(server_name_s.trim())
-            .map_err(|m| invalid("MATRIX_SERVER_NAME", m))?;
 
-        let registration_path =
-            get("REGISTRATION_PATH").map(PathBuf::from).or(raw.registration_path).ok_or_else(|| {
-                invalid(
-                    "REGISTRATION_PATH",
-                    "not set; point it at the registration yaml made by `matrix-k8s-toggle generate-registration`",
-                )
-            })?;
+        let server_name = src.required(
+            &SERVER_NAME,
+            "set it to your homeserver's server name (the part after ':' in user ids, e.g. example.org)",
+        )?;
+        let registration_path = src.required(
+            &REGISTRATION_PATH,
+            "point it at the registration yaml made by `matrix-k8s-toggle generate-registration`",
+        )?;
         let registration = Registration::load(&registration_path)?;
         let bot_user_id = registration.bot_user_id(&server_name).map_err(|m| invalid("REGISTRATION_PATH", m))?;
+        let listen_address =
+            src.get(&LISTEN_ADDRESS)?.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], registration.url_port())));
 
-        let listen_address = match get("LISTEN_ADDRESS").map(str::to_owned).or(raw.listen_address) {
-            Some(s) => s
-                .trim()
-                .parse()
-                .map_err(|_| invalid("LISTEN_ADDRESS", format!("{s:?} is not an address like 0.0.0.0:9000")))?,
-            None => SocketAddr::from(([0, 0, 0, 0], registration.url_port())),
-        };
-
-        let state_dir = get("STATE_DIR")
-            .or_else(|| get("CRYPTO_STORE_PATH"))
-            .map(PathBuf::from)
-            .or(raw.state_dir)
-            .unwrap_or_else(|| PathBuf::from("/data"));
-
-        let allowed_users = user_list(get("ALLOWED_USERS"), raw.allowed_users)
-            .map_err(|m| invalid("ALLOWED_USERS", m))?
-            .unwrap_or_default();
-        let viewers = user_list(get("VIEWERS"), raw.viewers).map_err(|m| invalid("VIEWERS", m))?.unwrap_or_default();
+        let allowed_users = src.get(&ALLOWED_USERS)?.unwrap_or_default();
         if allowed_users.is_empty() {
             return Err(invalid(
                 "ALLOWED_USERS",
@@ -399,153 +375,37 @@ impl Config {
             ));
         }
 
-        let targets = match raw.targets {
-            Some(list) if get("DEPLOYMENT_NAME").is_none() => {
-                let mut seen = std::collections::HashSet::new();
-                let mut out = Vec::new();
-                for t in list {
-                    let name = t.name.trim().to_ascii_lowercase();
-                    if name.is_empty() || name.contains(char::is_whitespace) {
-                        return Err(invalid("targets", format!("target name {:?} must be one word", t.name)));
-                    }
-                    if !seen.insert(name.clone()) {
-                        return Err(invalid("targets", format!("target name {name:?} is used twice")));
-                    }
-                    let allowed = user_list(None, t.allowed_users)
-                        .map_err(|m| invalid("targets", format!("{name}: allowed_users: {m}")))?;
-                    let target_viewers =
-                        user_list(None, t.viewers).map_err(|m| invalid("targets", format!("{name}: viewers: {m}")))?;
-                    let max_replicas = t.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS);
-                    if max_replicas < 1 {
-                        return Err(invalid("targets", format!("{name}: max_replicas must be at least 1")));
-                    }
-                    out.push(Target {
-                        workload: t.workload.unwrap_or_else(|| name.clone()),
-                        namespace: t.namespace.unwrap_or_else(|| "default".into()),
-                        name,
-                        kind: t.kind,
-                        max_replicas,
-                        allowed_users: allowed,
-                        viewers: target_viewers,
-                    });
-                }
-                if out.is_empty() {
-                    return Err(invalid("targets", "the list is empty; name at least one workload or remove the key"));
-                }
-                out
-            }
-            _ => {
-                let workload = get("DEPLOYMENT_NAME")
-                    .map(str::to_owned)
-                    .or(raw.deployment_name)
-                    .unwrap_or_else(|| "clawdbot".into());
-                let namespace = get("DEPLOYMENT_NAMESPACE")
-                    .map(str::to_owned)
-                    .or(raw.deployment_namespace)
-                    .unwrap_or_else(|| "clawdbot".into());
-                vec![Target::deployment(workload.trim(), namespace.trim())]
-            }
-        };
-
-        let echo_mode = match get("ECHO_MODE") {
-            Some(v) => parse_bool("ECHO_MODE", v)?,
-            None => raw.echo_mode.unwrap_or(false),
-        };
-        let display_name = get("BOT_DISPLAY_NAME")
-            .map(str::to_owned)
-            .or(raw.display_name)
-            .unwrap_or_else(|| "Kubernetes toggle".into());
-        let command_max_age = Duration::from_secs(match get("COMMAND_MAX_AGE_SECS") {
-            Some(v) => parse_secs("COMMAND_MAX_AGE_SECS", v)?,
-            None => raw.command_max_age_secs.unwrap_or(300),
-        });
-        let rollout_timeout = Duration::from_secs(match get("ROLLOUT_TIMEOUT_SECS") {
-            Some(v) => parse_secs("ROLLOUT_TIMEOUT_SECS", v)?,
-            None => raw.rollout_timeout_secs.unwrap_or(120),
-        });
-        let decryption_wait = Duration::from_secs(match get("DECRYPTION_WAIT_SECS") {
-            Some(v) => parse_secs("DECRYPTION_WAIT_SECS", v)?,
-            None => raw.decryption_wait_secs.unwrap_or(30),
-        });
-        let commands_per_minute = match get("COMMANDS_PER_MINUTE") {
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| invalid("COMMANDS_PER_MINUTE", format!("{v:?} is not a whole number (0 = no limit)")))?,
-            None => raw.commands_per_minute.unwrap_or(10),
-        };
-        let leave_rooms_without_allowed_users = match get("LEAVE_ROOMS_WITHOUT_ALLOWED_USERS") {
-            Some(v) => parse_bool("LEAVE_ROOMS_WITHOUT_ALLOWED_USERS", v)?,
-            None => raw.leave_rooms_without_allowed_users.unwrap_or(true),
-        };
-        let slow_notice = Duration::from_secs(match get("SLOW_NOTICE_SECS") {
-            Some(v) => parse_secs("SLOW_NOTICE_SECS", v)?,
-            None => raw.slow_notice_secs.unwrap_or(5),
-        });
-        let refusal = match get("UNAUTHORIZED_REPLY") {
-            Some(v) => parse_enum("UNAUTHORIZED_REPLY", v, "silent, hourly")?,
-            None => raw.unauthorized_reply.unwrap_or_default(),
-        };
-        let trust_policy = match get("TRUST_POLICY") {
-            Some(v) => parse_enum("TRUST_POLICY", v, "tofu, cross-signed")?,
-            None => raw.trust_policy.unwrap_or_default(),
-        };
-        let require_encryption = match get("REQUIRE_ENCRYPTION") {
-            Some(v) => parse_bool("REQUIRE_ENCRYPTION", v)?,
-            None => raw.require_encryption.unwrap_or(false),
-        };
-        let bare_commands = match get("BARE_COMMANDS") {
-            Some(v) => parse_enum("BARE_COMMANDS", v, "dm, always")?,
-            None => raw.bare_commands.unwrap_or_default(),
-        };
-        let passphrase_file =
-            get("CRYPTO_STORE_PASSPHRASE_FILE").map(PathBuf::from).or(raw.crypto_store_passphrase_file);
-        let crypto_store_passphrase = match (get("CRYPTO_STORE_PASSPHRASE"), passphrase_file) {
-            (Some(p), _) => Some(Secret::new(p.to_owned())),
-            (None, Some(f)) => {
-                let text = std::fs::read_to_string(&f).map_err(|e| {
-                    invalid("CRYPTO_STORE_PASSPHRASE_FILE", format!("cannot read {}: {e}", f.display()))
-                })?;
-                let p = text.trim_end_matches(['\n', '\r']).to_owned();
-                if p.is_empty() {
-                    return Err(invalid("CRYPTO_STORE_PASSPHRASE_FILE", format!("{} is empty", f.display())));
-                }
-                Some(Secret::new(p))
-            }
-            (None, None) => None,
-        };
-        let log_filter = get("RUST_LOG").map(str::to_owned).or(raw.log_level).unwrap_or_else(|| "info".into());
-        let log_format = match get("LOG_FORMAT") {
-            Some(v) => parse_enum("LOG_FORMAT", v, "text, json")?,
-            None => raw.log_format.unwrap_or_default(),
+        let targets = match src.file_value(TARGETS_KEY) {
+            Some(list) if src.env("DEPLOYMENT_NAME").is_none() => targets_from_file(list)?,
+            _ => vec![Target::deployment(&src.value(&DEPLOYMENT_NAME)?, &src.value(&DEPLOYMENT_NAMESPACE)?)],
         };
 
         Ok(Config {
-            homeserver,
+            homeserver: src.value(&HOMESERVER)?,
             server_name,
             registration_path,
             registration,
             bot_user_id,
             listen_address,
-            state_dir,
+            state_dir: src.value(&STATE_DIR)?,
             allowed_users,
-            viewers,
+            viewers: src.get(&VIEWERS)?.unwrap_or_default(),
             targets,
-            echo_mode,
-            display_name,
-            command_max_age,
-            rollout_timeout,
-            decryption_wait,
-            refusal,
-            commands_per_minute,
-            leave_rooms_without_allowed_users,
-            slow_notice,
-            trust_policy,
-            require_encryption,
-            bare_commands,
-            crypto_store_passphrase,
-            log_filter,
-            log_format,
+            echo_mode: src.value(&ECHO_MODE)?,
+            display_name: src.value(&DISPLAY_NAME)?,
+            command_max_age: src.value(&COMMAND_MAX_AGE)?,
+            rollout_timeout: src.value(&ROLLOUT_TIMEOUT)?,
+            decryption_wait: src.value(&DECRYPTION_WAIT)?,
+            refusal: src.value(&UNAUTHORIZED_REPLY)?,
+            commands_per_minute: src.value(&COMMANDS_PER_MINUTE)?,
+            leave_rooms_without_allowed_users: src.value(&LEAVE_ROOMS)?,
+            slow_notice: src.value(&SLOW_NOTICE)?,
+            trust_policy: src.value(&TRUST_POLICY)?,
+            require_encryption: src.value(&REQUIRE_ENCRYPTION)?,
+            bare_commands: src.value(&BARE_COMMANDS)?,
+            crypto_store_passphrase: passphrase(&src)?,
+            log_filter: src.value(&LOG_FILTER)?,
+            log_format: src.value(&LOG_FORMAT)?,
         })
     }
 
