@@ -111,8 +111,8 @@ fn queued(unique: u64) -> Vec<QueuedEvent> {
         .map(|i| {
             let event = room_event(i, unique);
             QueuedEvent {
-                event_id: event["event_id"].as_str().unwrap().to_owned(),
-                room_id: event["room_id"].as_str().unwrap_or_default().to_owned(),
+                event_id: event["event_id"].as_str().unwrap().try_into().unwrap(),
+                room_id: event["room_id"].as_str().unwrap().try_into().unwrap(),
                 json: event.to_string(),
             }
         })

@@ -26,7 +26,7 @@ use axum::{
     routing::{get, post, put},
 };
 use ruma::{
-    OwnedUserId,
+    OwnedEventId, OwnedRoomId, OwnedUserId,
     api::{IncomingRequest, appservice::event::push_events},
 };
 use serde::Deserialize;
@@ -326,8 +326,14 @@ async fn handle_transaction(
             own.is_none() || e.get_field::<&str>("sender").ok().flatten() != own
         })
         .filter_map(|e| {
-            let event_id = e.get_field::<String>("event_id").ok().flatten()?;
-            let room_id = e.get_field::<String>("room_id").ok().flatten().unwrap_or_default();
+            // NB: an event without valid ids can be neither deduplicated nor ordered in its room:
+            // refused here, where it is read, not skipped later.
+            let ids = (e.get_field::<OwnedEventId>("event_id"), e.get_field::<OwnedRoomId>("room_id"));
+            let (Ok(Some(event_id)), Ok(Some(room_id))) = ids else {
+                inner.metrics.error("bad_event");
+                tracing::warn!("refusing an event without a valid event id and room id");
+                return None;
+            };
             Some(QueuedEvent { event_id, room_id, json: e.json().get().to_owned() })
         })
         .collect();

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use ruma::{OwnedUserId, UserId};
+
 /// What a command needs the sender to be allowed to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permission {
@@ -35,7 +37,7 @@ pub enum Command {
     /// Accept a user's changed encryption identity, naming the start of its key.
     Approve {
         /// The user whose identity to accept.
-        user: String,
+        user: OwnedUserId,
         /// The start of the new identity's master key (unpadded base64), as typed; at least
         /// [`MIN_FINGERPRINT`] characters.
         fingerprint: String,
@@ -230,8 +232,10 @@ pub fn read(text: &str, names: &BotNames, addressed: Addressed, mentioned: bool)
         let typed: Vec<&str> = text.split(' ').collect();
         let args = &typed[typed.len().saturating_sub(words)..];
         if let Some((typed_user, typed_key)) = args.split_first() {
-            if typed_user.to_lowercase() == *user {
-                *user = (*typed_user).to_owned();
+            if typed_user.to_lowercase() == user.as_str()
+                && let Ok(typed) = UserId::parse(*typed_user)
+            {
+                *user = typed;
             }
             let typed_key = typed_key.concat();
             if typed_key.to_lowercase() == *fingerprint {
@@ -298,6 +302,11 @@ fn build(name: &str, args: &[&str]) -> Parsed {
         }
         "approve" => match args {
             [user, key @ ..] if user.starts_with('@') && user.contains(':') => {
+                let Ok(user) = UserId::parse(*user) else {
+                    return Parsed::Invalid(format!(
+                        "`{user}` is not a valid user id; usage: approve @user:server KEY"
+                    ));
+                };
                 // NB: the key may be typed in groups, as the refusal shows it.
                 let fingerprint = key.concat();
                 let base64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
@@ -306,7 +315,7 @@ fn build(name: &str, args: &[&str]) -> Parsed {
                         "usage: approve {user} KEY, where KEY is at least the first {MIN_FINGERPRINT} characters of the new identity key my refusal showed (check it with {user} first)"
                     ));
                 }
-                Parsed::Command(Command::Approve { user: (*user).to_owned(), fingerprint })
+                Parsed::Command(Command::Approve { user, fingerprint })
             }
             _ => Parsed::Invalid("usage: approve @user:server KEY".into()),
         },
@@ -389,6 +398,10 @@ mod tests {
             ("approve @bob:example.org Xk3d9aQ2", approve("@bob:example.org", "Xk3d9aQ2")),
             ("approve @bob:example.org Xk3d 9aQ2 Lm", approve("@bob:example.org", "Xk3d9aQ2Lm")),
             ("approve bob", Parsed::Invalid("usage: approve @user:server KEY".into())),
+            (
+                "approve @bob:bad_server Xk3d9aQ2",
+                Parsed::Invalid("`@bob:bad_server` is not a valid user id; usage: approve @user:server KEY".into()),
+            ),
             ("APPROVE @Bob:Example.org aBcD+/12", approve("@Bob:Example.org", "aBcD+/12")),
             ("help", cmd(Command::Help)),
             ("", cmd(Command::Help)),
@@ -404,7 +417,7 @@ mod tests {
     }
 
     fn approve(user: &str, fingerprint: &str) -> Parsed {
-        cmd(Command::Approve { user: user.into(), fingerprint: fingerprint.into() })
+        cmd(Command::Approve { user: UserId::parse(user).unwrap(), fingerprint: fingerprint.into() })
     }
 
     #[test]
@@ -486,7 +499,7 @@ mod tests {
         assert_eq!(Command::Status { target: None }.permission(), Permission::Query);
         assert_eq!(Command::List.permission(), Permission::Query);
         assert_eq!(
-            Command::Approve { user: "@b:x".into(), fingerprint: "Xk3d9aQ2".into() }.permission(),
+            Command::Approve { user: UserId::parse("@b:x").unwrap(), fingerprint: "Xk3d9aQ2".into() }.permission(),
             Permission::Operate
         );
         assert_eq!(Command::Help.permission(), Permission::Query);

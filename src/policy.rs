@@ -209,11 +209,6 @@ pub enum Refusal {
     ApproveUnencrypted,
     /// `approve` of one's own identity.
     ApproveSelf,
-    /// `approve` named no valid user id.
-    ApproveNotAUser {
-        /// What was given.
-        user: String,
-    },
     /// `approve` of someone who is not an allowed user.
     ApproveStranger {
         /// The user named.
@@ -238,7 +233,6 @@ impl Refusal {
             Refusal::ViewOnly { .. } | Refusal::Target { .. } => "not_permitted",
             Refusal::ApproveUnencrypted
             | Refusal::ApproveSelf
-            | Refusal::ApproveNotAUser { .. }
             | Refusal::ApproveStranger { .. }
             | Refusal::ApproveReach { .. } => "approve_refused",
         }
@@ -317,22 +311,18 @@ pub fn authorize<'a>(config: &'a Config, request: Request<'a>) -> Result<Authori
 
 /// `approve`: only another allowed user, in an encrypted message, who may operate every target
 /// the approved user may.
-fn authorize_approval(config: &Config, approver: &UserId, user: &str, verified: &Verified) -> Result<(), Refusal> {
+fn authorize_approval(config: &Config, approver: &UserId, user: &UserId, verified: &Verified) -> Result<(), Refusal> {
     if *verified != Verified::Trusted {
         return Err(Refusal::ApproveUnencrypted);
     }
-    let Ok(user) = UserId::parse(user) else {
-        return Err(Refusal::ApproveNotAUser { user: user.to_owned() });
-    };
     if user == approver {
         return Err(Refusal::ApproveSelf);
     }
-    if !config.allowed_users.allows(&user) {
-        return Err(Refusal::ApproveStranger { user });
+    if !config.allowed_users.allows(user) {
+        return Err(Refusal::ApproveStranger { user: user.to_owned() });
     }
-    if let Some(t) = config.targets.iter().find(|t| may_operate(config, t, &user) && !may_operate(config, t, approver))
-    {
-        return Err(Refusal::ApproveReach { user, target: t.name.clone() });
+    if let Some(t) = config.targets.iter().find(|t| may_operate(config, t, user) && !may_operate(config, t, approver)) {
+        return Err(Refusal::ApproveReach { user: user.to_owned(), target: t.name.clone() });
     }
     Ok(())
 }
@@ -431,7 +421,7 @@ mod tests {
         }
 
         fn approve(who: &str) -> Command {
-            Command::Approve { user: who.into(), fingerprint: "Xk3d9aQ2".into() }
+            Command::Approve { user: user(who), fingerprint: "Xk3d9aQ2".into() }
         }
 
         #[test]
@@ -512,7 +502,6 @@ mod tests {
                 ask(&c, &alice, &approve("@bob:x.org"), Verified::Plaintext, false),
                 Err(Refusal::ApproveUnencrypted)
             );
-            assert_eq!(ask(&c, &alice, &approve("bob"), t, true), Err(Refusal::ApproveNotAUser { user: "bob".into() }));
         }
     }
 

@@ -38,7 +38,6 @@ pub fn refusal(refusal: &Refusal, sender: &UserId) -> String {
             "Not run: `approve` must be sent in an encrypted room, so I can tell it comes from you.".into()
         }
         Refusal::ApproveSelf => "You cannot approve your own new identity: ask another allowed user to check its key with you and approve it.".into(),
-        Refusal::ApproveNotAUser { user } => format!("{user} is not a user id."),
         Refusal::ApproveStranger { user } => format!("{user} is not an allowed user; there is nothing to approve."),
         Refusal::ApproveReach { user, target } => {
             format!("You may not approve {user}: they may operate {target}, which you may not.")

@@ -6,7 +6,11 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use rusqlite::{Connection, OptionalExtension, params};
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
+use rusqlite::{
+    Connection, OptionalExtension, params,
+    types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef},
+};
 
 impl crate::scaler::ReplicaMemory for Store {
     fn recall(&self, t: &crate::config::Target) -> Result<Option<i32>, String> {
@@ -23,6 +27,36 @@ impl crate::scaler::ReplicaMemory for Store {
 /// renaming a target keeps it.
 fn replicas_key(t: &crate::config::Target) -> String {
     format!("replicas-before-stop/{}/{}/{}", t.kind, t.namespace, t.workload)
+}
+
+/// A Matrix id in a column: written as its text, read back parsed, so a bad id fails the read
+/// that meets it (naming it) instead of surfacing later.
+struct Id<T>(T);
+
+impl<T: AsRef<str>> ToSql for Id<T> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.0.as_ref()))
+    }
+}
+
+impl<T> FromSql for Id<T>
+where
+    T: TryFrom<String>,
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let text = String::column_result(value)?;
+        T::try_from(text).map(Id).map_err(|e| FromSqlError::Other(Box::new(e)))
+    }
+}
+
+/// Reads the Matrix id in column `idx` of `row`.
+fn id<T>(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<T>
+where
+    T: TryFrom<String>,
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    row.get::<_, Id<T>>(idx).map(|i| i.0)
 }
 
 /// Errors of the state database.
@@ -48,7 +82,7 @@ pub struct Job {
     /// Position in the queue; jobs are handled in this order.
     pub seq: i64,
     /// The event id (dedupe key).
-    pub event_id: String,
+    pub event_id: OwnedEventId,
     /// The event as JSON, as the homeserver sent it.
     pub event: String,
     /// How often handling was attempted and postponed.
@@ -56,7 +90,7 @@ pub struct Job {
     /// When its transaction arrived (ms since the Unix epoch).
     pub received_ms: i64,
     /// The room of the event; jobs of one room are handled in order, rooms independently.
-    pub room_id: String,
+    pub room_id: OwnedRoomId,
 }
 
 /// What a transaction id that comes again means.
@@ -96,11 +130,11 @@ pub enum Progress {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parked {
     /// The event id.
-    pub event_id: String,
+    pub event_id: OwnedEventId,
     /// The room.
-    pub room_id: String,
+    pub room_id: OwnedRoomId,
     /// The sender.
-    pub sender: String,
+    pub sender: OwnedUserId,
     /// When it was parked (ms since the Unix epoch).
     pub parked_ms: i64,
 }
@@ -110,9 +144,9 @@ pub struct Parked {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rollout {
     /// The command's event.
-    pub event_id: String,
+    pub event_id: OwnedEventId,
     /// The room of the command.
-    pub room_id: String,
+    pub room_id: OwnedRoomId,
     /// The target's name in the configuration.
     pub target: String,
     /// Whether the command was a start (else a stop).
@@ -264,7 +298,7 @@ impl Store {
                 "INSERT OR IGNORE INTO jobs (event_id, room_id, event, received_ms) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for e in events {
-                added += insert.execute(params![e.event_id, e.room_id, e.json, now_ms])?;
+                added += insert.execute(params![Id(&e.event_id), Id(&e.room_id), e.json, now_ms])?;
             }
         }
         tx.execute(
@@ -283,8 +317,8 @@ impl Store {
 
     /// The oldest unhandled jobs, in order, leaving out the rooms in `held` (rooms whose
     /// first job must wait).
-    pub fn pending_jobs_except(&self, limit: usize, held: &[&str]) -> Result<Vec<Job>, StoreError> {
-        let held = serde_json::to_string(held).expect("a list of strings serializes");
+    pub fn pending_jobs_except(&self, limit: usize, held: &[&RoomId]) -> Result<Vec<Job>, StoreError> {
+        let held = serde_json::to_string(held).expect("a list of room ids serializes");
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT seq, event_id, event, attempts, received_ms, room_id FROM jobs
@@ -293,11 +327,11 @@ impl Store {
         let rows = stmt.query_map(params![limit as i64, held], |r| {
             Ok(Job {
                 seq: r.get(0)?,
-                event_id: r.get(1)?,
+                event_id: id(r, 1)?,
                 event: r.get(2)?,
                 attempts: r.get(3)?,
                 received_ms: r.get(4)?,
-                room_id: r.get(5)?,
+                room_id: id(r, 5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -325,10 +359,10 @@ impl Store {
     }
 
     /// How far the command in `event_id` has come.
-    pub fn progress(&self, event_id: &str) -> Result<Option<Progress>, StoreError> {
+    pub fn progress(&self, event_id: &EventId) -> Result<Option<Progress>, StoreError> {
         let row: Option<(String, Option<String>)> = self
             .conn()
-            .query_row("SELECT stage, reply FROM progress WHERE event_id = ?1", [event_id], |r| {
+            .query_row("SELECT stage, reply FROM progress WHERE event_id = ?1", [Id(event_id)], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
@@ -339,25 +373,25 @@ impl Store {
     }
 
     /// Records how far the command in `event_id` has come.
-    pub fn set_progress(&self, event_id: &str, progress: &Progress) -> Result<(), StoreError> {
+    pub fn set_progress(&self, event_id: &EventId, progress: &Progress) -> Result<(), StoreError> {
         let (stage, reply) = match progress {
             Progress::Acted { reply } => ("acted", Some(reply.as_str())),
             Progress::Replied => ("replied", None),
         };
-        self.conn().execute(SET_PROGRESS, params![event_id, stage, reply])?;
+        self.conn().execute(SET_PROGRESS, params![Id(event_id), stage, reply])?;
         Ok(())
     }
 
     /// Records that the command in `event_id` acted, with its reply and the rollout to follow,
     /// in one atomic step.
-    pub fn set_acted(&self, event_id: &str, reply: &str, rollout: Option<&Rollout>) -> Result<(), StoreError> {
+    pub fn set_acted(&self, event_id: &EventId, reply: &str, rollout: Option<&Rollout>) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(SET_PROGRESS, params![event_id, "acted", reply])?;
+        tx.execute(SET_PROGRESS, params![Id(event_id), "acted", reply])?;
         if let Some(r) = rollout {
             tx.execute(
                 "INSERT OR REPLACE INTO rollouts (event_id, room_id, target, up, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![r.event_id, r.room_id, r.target, r.up, r.started_ms],
+                params![Id(&r.event_id), Id(&r.room_id), r.target, r.up, r.started_ms],
             )?;
         }
         tx.commit()?;
@@ -365,12 +399,12 @@ impl Store {
     }
 
     /// The rollout still to report for the command in `event_id`.
-    pub fn rollout(&self, event_id: &str) -> Result<Option<Rollout>, StoreError> {
+    pub fn rollout(&self, event_id: &EventId) -> Result<Option<Rollout>, StoreError> {
         Ok(self
             .conn()
             .query_row(
                 "SELECT event_id, room_id, target, up, started_ms FROM rollouts WHERE event_id = ?1",
-                [event_id],
+                [Id(event_id)],
                 rollout_row,
             )
             .optional()?)
@@ -389,8 +423,8 @@ impl Store {
     }
 
     /// Forgets a rollout once its outcome was posted (or given up).
-    pub fn finish_rollout(&self, event_id: &str) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM rollouts WHERE event_id = ?1", [event_id])?;
+    pub fn finish_rollout(&self, event_id: &EventId) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM rollouts WHERE event_id = ?1", [Id(event_id)])?;
         Ok(())
     }
 
@@ -402,33 +436,33 @@ impl Store {
         &self,
         session_id: &str,
         index: u32,
-        event_id: &str,
+        event_id: &EventId,
         now_ms: i64,
-    ) -> Result<String, StoreError> {
+    ) -> Result<OwnedEventId, StoreError> {
         let conn = self.conn();
         conn.prepare_cached(
             "INSERT OR IGNORE INTO megolm_seen (session_id, message_index, event_id, seen_ms) VALUES (?1, ?2, ?3, ?4)",
         )?
-        .execute(params![session_id, index, event_id, now_ms])?;
+        .execute(params![session_id, index, Id(event_id), now_ms])?;
         Ok(conn
             .prepare_cached("SELECT event_id FROM megolm_seen WHERE session_id = ?1 AND message_index = ?2")?
-            .query_row(params![session_id, index], |r| r.get(0))?)
+            .query_row(params![session_id, index], |r| id(r, 0))?)
     }
 
     /// Remembers that `room` is encrypted (for good: Matrix cannot turn encryption off).
-    pub fn mark_room_encrypted(&self, room_id: &str) -> Result<(), StoreError> {
+    pub fn mark_room_encrypted(&self, room_id: &RoomId) -> Result<(), StoreError> {
         self.conn()
             .prepare_cached("INSERT OR IGNORE INTO encrypted_rooms (room_id) VALUES (?1)")?
-            .execute([room_id])?;
+            .execute([Id(room_id)])?;
         Ok(())
     }
 
     /// Whether `room` was seen encrypted, by this process or an earlier one.
-    pub fn is_room_encrypted(&self, room_id: &str) -> Result<bool, StoreError> {
+    pub fn is_room_encrypted(&self, room_id: &RoomId) -> Result<bool, StoreError> {
         Ok(self
             .conn()
             .prepare_cached("SELECT 1 FROM encrypted_rooms WHERE room_id = ?1")?
-            .query_row([room_id], |_| Ok(()))
+            .query_row([Id(room_id)], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -454,12 +488,12 @@ impl Store {
         conn.execute(
             "INSERT OR REPLACE INTO undecrypted (event_id, session_id, room_id, sender, event, parked_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![parked.event_id, session_id, parked.room_id, parked.sender, event, parked.parked_ms],
+            params![Id(&parked.event_id), session_id, Id(&parked.room_id), Id(&parked.sender), event, parked.parked_ms],
         )?;
         conn.execute(
             "DELETE FROM undecrypted WHERE event_id IN
              (SELECT event_id FROM undecrypted WHERE sender = ?1 ORDER BY parked_ms DESC LIMIT -1 OFFSET ?2)",
-            params![parked.sender, MAX_PARKED_PER_SENDER],
+            params![Id(&parked.sender), MAX_PARKED_PER_SENDER],
         )?;
         conn.execute(
             "DELETE FROM undecrypted WHERE event_id IN
@@ -493,7 +527,7 @@ impl Store {
                 "SELECT event_id, room_id, sender, parked_ms FROM undecrypted WHERE parked_ms < ?1 ORDER BY parked_ms",
             )?;
             let rows = stmt.query_map([before_ms], |r| {
-                Ok(Parked { event_id: r.get(0)?, room_id: r.get(1)?, sender: r.get(2)?, parked_ms: r.get(3)? })
+                Ok(Parked { event_id: id(r, 0)?, room_id: id(r, 1)?, sender: id(r, 2)?, parked_ms: r.get(3)? })
             })?;
             rows.collect::<Result<Vec<_>, _>>()?
         };
@@ -529,9 +563,9 @@ impl Store {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueuedEvent {
     /// The event id (dedupe key).
-    pub event_id: String,
+    pub event_id: OwnedEventId,
     /// The room it belongs to.
-    pub room_id: String,
+    pub room_id: OwnedRoomId,
     /// The event as JSON, as the homeserver sent it.
     pub json: String,
 }
@@ -552,23 +586,38 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
              UPDATE jobs SET room_id = COALESCE(json_extract(event, '$.room_id'), '') WHERE done = 0 AND json_valid(event);",
         )?;
     }
+    // Every queued event has a room and an event id since the appservice refuses events without
+    // them; an older version queued some without a room, which nothing could handle.
+    conn.execute_batch("UPDATE jobs SET done = 1 WHERE done = 0 AND room_id = ''")?;
     Ok(())
 }
 
 fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
-    Ok(Rollout { event_id: r.get(0)?, room_id: r.get(1)?, target: r.get(2)?, up: r.get(3)?, started_ms: r.get(4)? })
+    Ok(Rollout { event_id: id(r, 0)?, room_id: id(r, 1)?, target: r.get(2)?, up: r.get(3)?, started_ms: r.get(4)? })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn e(id: &str) -> OwnedEventId {
+        id.try_into().unwrap()
+    }
+
+    fn r(id: &str) -> OwnedRoomId {
+        id.try_into().unwrap()
+    }
+
+    fn u(id: &str) -> OwnedUserId {
+        id.try_into().unwrap()
+    }
+
     fn ev(id: &str) -> QueuedEvent {
         in_room(id, "!r:x")
     }
 
     fn in_room(id: &str, room: &str) -> QueuedEvent {
-        QueuedEvent { event_id: id.to_owned(), room_id: room.to_owned(), json: format!("{{\"event_id\":\"{id}\"}}") }
+        QueuedEvent { event_id: e(id), room_id: r(room), json: format!("{{\"event_id\":\"{id}\"}}") }
     }
 
     #[test]
@@ -589,14 +638,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            assert_eq!(s.first_event_at_megolm_index("sess", 7, "$first", 0).unwrap(), "$first");
-            assert_eq!(s.first_event_at_megolm_index("sess", 7, "$first", 1).unwrap(), "$first", "a retry");
-            assert_eq!(s.first_event_at_megolm_index("sess", 8, "$next", 2).unwrap(), "$next");
+            assert_eq!(s.first_event_at_megolm_index("sess", 7, &e("$first"), 0).unwrap(), "$first");
+            assert_eq!(s.first_event_at_megolm_index("sess", 7, &e("$first"), 1).unwrap(), "$first", "a retry");
+            assert_eq!(s.first_event_at_megolm_index("sess", 8, &e("$next"), 2).unwrap(), "$next");
             s.prune(i64::MAX).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.first_event_at_megolm_index("sess", 7, "$replayed", 3).unwrap(), "$first");
-        assert_eq!(s.first_event_at_megolm_index("other", 7, "$other", 3).unwrap(), "$other");
+        assert_eq!(s.first_event_at_megolm_index("sess", 7, &e("$replayed"), 3).unwrap(), "$first");
+        assert_eq!(s.first_event_at_megolm_index("other", 7, &e("$other"), 3).unwrap(), "$other");
     }
 
     #[test]
@@ -604,14 +653,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            assert!(!s.is_room_encrypted("!r:x").unwrap());
-            s.mark_room_encrypted("!r:x").unwrap();
-            s.mark_room_encrypted("!r:x").unwrap();
+            assert!(!s.is_room_encrypted(&r("!r:x")).unwrap());
+            s.mark_room_encrypted(&r("!r:x")).unwrap();
+            s.mark_room_encrypted(&r("!r:x")).unwrap();
             s.prune(i64::MAX).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert!(s.is_room_encrypted("!r:x").unwrap());
-        assert!(!s.is_room_encrypted("!other:x").unwrap());
+        assert!(s.is_room_encrypted(&r("!r:x")).unwrap());
+        assert!(!s.is_room_encrypted(&r("!other:x")).unwrap());
     }
 
     #[test]
@@ -674,12 +723,14 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         s.record_transaction("t", "h", &[in_room("$a1", "!a:x"), in_room("$b1", "!b:x"), in_room("$a2", "!a:x")], 10)
             .unwrap();
-        let ids = |held: &[&str]| -> Vec<String> {
-            s.pending_jobs_except(10, held).unwrap().into_iter().map(|j| j.event_id).collect()
+        let ids = |held: &[&str]| -> Vec<OwnedEventId> {
+            let held: Vec<OwnedRoomId> = held.iter().map(|h| r(h)).collect();
+            let held: Vec<&RoomId> = held.iter().map(|h| h.as_ref()).collect();
+            s.pending_jobs_except(10, &held).unwrap().into_iter().map(|j| j.event_id).collect()
         };
         assert_eq!(ids(&[]), ["$a1", "$b1", "$a2"]);
         assert_eq!(ids(&["!a:x"]), ["$b1"]);
-        assert_eq!(ids(&["!a:x", "!b:x"]), Vec::<String>::new());
+        assert!(ids(&["!a:x", "!b:x"]).is_empty());
         assert_eq!(s.queue_stats().unwrap(), QueueStats { depth: 3, oldest_received_ms: Some(10) });
     }
 
@@ -709,11 +760,11 @@ mod tests {
     fn progress_moves_from_acted_to_replied() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.progress("$a").unwrap(), None);
-        s.set_progress("$a", &Progress::Acted { reply: "done".into() }).unwrap();
-        assert_eq!(s.progress("$a").unwrap(), Some(Progress::Acted { reply: "done".into() }));
-        s.set_progress("$a", &Progress::Replied).unwrap();
-        assert_eq!(s.progress("$a").unwrap(), Some(Progress::Replied));
+        assert_eq!(s.progress(&e("$a")).unwrap(), None);
+        s.set_progress(&e("$a"), &Progress::Acted { reply: "done".into() }).unwrap();
+        assert_eq!(s.progress(&e("$a")).unwrap(), Some(Progress::Acted { reply: "done".into() }));
+        s.set_progress(&e("$a"), &Progress::Replied).unwrap();
+        assert_eq!(s.progress(&e("$a")).unwrap(), Some(Progress::Replied));
     }
 
     #[test]
@@ -722,7 +773,7 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         s.record_transaction("t1", "h-t1", &[ev("$a")], 0).unwrap();
         let job = s.pending_jobs(10).unwrap().remove(0);
-        let parked = Parked { event_id: "$a".into(), room_id: "!r".into(), sender: "@u:x".into(), parked_ms: 5 };
+        let parked = Parked { event_id: e("$a"), room_id: r("!r"), sender: u("@u:x"), parked_ms: 5 };
         s.park_undecrypted(&parked, "sess", &job.event).unwrap();
         s.complete_job(job.seq).unwrap();
         assert_eq!(s.requeue_undecrypted("other").unwrap(), 0);
@@ -739,7 +790,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let park = |id: &str, sender: &str, at: i64| {
-            let p = Parked { event_id: id.into(), room_id: "!r".into(), sender: sender.into(), parked_ms: at };
+            let p = Parked { event_id: e(id), room_id: r("!r"), sender: u(sender), parked_ms: at };
             s.park_undecrypted(&p, "sess", "{}").unwrap();
         };
         park("$alice", "@alice:x", 0);
@@ -758,7 +809,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         for (id, at) in [("$old", 10), ("$new", 100)] {
-            let p = Parked { event_id: id.into(), room_id: "!r".into(), sender: "@u:x".into(), parked_ms: at };
+            let p = Parked { event_id: e(id), room_id: r("!r"), sender: u("@u:x"), parked_ms: at };
             s.park_undecrypted(&p, "sess", "{}").unwrap();
         }
         let taken = s.take_expired_undecrypted(50).unwrap();
@@ -776,16 +827,16 @@ mod tests {
         for job in jobs.iter().filter(|j| j.event_id != "$pending") {
             store.complete_job(job.seq).unwrap();
         }
-        store.set_progress("$done", &Progress::Replied).unwrap();
-        store.set_progress("$recent", &Progress::Replied).unwrap();
+        store.set_progress(&e("$done"), &Progress::Replied).unwrap();
+        store.set_progress(&e("$recent"), &Progress::Replied).unwrap();
 
         let pruned = store.prune(2_000).unwrap();
 
         assert_eq!(pruned, Pruned { transactions: 1, jobs: 1 });
         assert_eq!(store.transaction_seen("old", "h-old").unwrap(), TransactionSeen::New);
         assert_eq!(store.transaction_seen("new", "h-new").unwrap(), TransactionSeen::Retry);
-        assert_eq!(store.progress("$done").unwrap(), None);
-        assert_eq!(store.progress("$recent").unwrap(), Some(Progress::Replied));
+        assert_eq!(store.progress(&e("$done")).unwrap(), None);
+        assert_eq!(store.progress(&e("$recent")).unwrap(), Some(Progress::Replied));
         let pending: Vec<_> = store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
         assert_eq!(pending, ["$pending"]);
         assert_eq!(store.prune(2_000).unwrap(), Pruned::default());
@@ -796,20 +847,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let rollout =
-            Rollout { event_id: "$cmd".into(), room_id: "!r:x".into(), target: "web".into(), up: true, started_ms: 42 };
-        store.set_acted("$cmd", "web is starting", Some(&rollout)).unwrap();
-        assert_eq!(store.progress("$cmd").unwrap(), Some(Progress::Acted { reply: "web is starting".into() }));
-        assert_eq!(store.rollout("$cmd").unwrap(), Some(rollout.clone()));
+            Rollout { event_id: e("$cmd"), room_id: r("!r:x"), target: "web".into(), up: true, started_ms: 42 };
+        store.set_acted(&e("$cmd"), "web is starting", Some(&rollout)).unwrap();
+        assert_eq!(store.progress(&e("$cmd")).unwrap(), Some(Progress::Acted { reply: "web is starting".into() }));
+        assert_eq!(store.rollout(&e("$cmd")).unwrap(), Some(rollout.clone()));
         assert_eq!(store.answered_rollouts().unwrap(), [], "not answered yet");
 
-        store.set_progress("$cmd", &Progress::Replied).unwrap();
+        store.set_progress(&e("$cmd"), &Progress::Replied).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.answered_rollouts().unwrap(), [rollout]);
 
-        store.finish_rollout("$cmd").unwrap();
+        store.finish_rollout(&e("$cmd")).unwrap();
         assert_eq!(store.answered_rollouts().unwrap(), []);
-        assert_eq!(store.rollout("$cmd").unwrap(), None);
+        assert_eq!(store.rollout(&e("$cmd")).unwrap(), None);
+    }
+
+    #[test]
+    fn a_stored_id_that_is_no_matrix_id_fails_the_read_that_meets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .conn()
+            .execute(
+                "INSERT INTO rollouts (event_id, room_id, target, up, started_ms) VALUES ('$cmd', 'no room', 'web', 1, 0)",
+                [],
+            )
+            .unwrap();
+        let err = store.rollout(&e("$cmd")).unwrap_err().to_string();
+        assert!(err.contains("room") || err.contains("sigil"), "{err}");
+    }
+
+    #[test]
+    fn an_older_versions_queued_event_without_a_room_is_set_aside_at_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.record_transaction("t", "h", &[ev("$kept")], 0).unwrap();
+            store
+                .conn()
+                .execute("INSERT INTO jobs (event_id, room_id, event) VALUES ('$roomless', '', '{}')", [])
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let pending: Vec<_> = store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+        assert_eq!(pending, ["$kept"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ruma::{OwnedRoomId, RoomId};
 use tokio::sync::{Notify, watch};
 
 use crate::store::{Job, Store};
@@ -35,14 +36,14 @@ pub async fn run<H: JobHandler>(
     work: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut held: HashMap<String, Instant> = HashMap::new();
+    let mut held: HashMap<OwnedRoomId, Instant> = HashMap::new();
     loop {
         if *shutdown.borrow() {
             break;
         }
         let now = Instant::now();
         held.retain(|_, until| *until > now);
-        let held_rooms: Vec<&str> = held.keys().map(String::as_str).collect();
+        let held_rooms: Vec<&RoomId> = held.keys().map(|r| r.as_ref()).collect();
         let jobs = match store.pending_jobs_except(BATCH, &held_rooms) {
             Ok(jobs) => jobs,
             Err(e) => {
@@ -133,13 +134,13 @@ mod tests {
                 *fail = false;
                 return Outcome::RetryAfter(Duration::from_millis(10));
             }
-            self.seen.lock().unwrap().push(job.event_id.clone());
+            self.seen.lock().unwrap().push(job.event_id.to_string());
             Outcome::Done
         }
     }
 
     fn ev(id: &str, room: &str) -> QueuedEvent {
-        QueuedEvent { event_id: id.to_owned(), room_id: room.to_owned(), json: "{}".to_owned() }
+        QueuedEvent { event_id: id.try_into().unwrap(), room_id: room.try_into().unwrap(), json: "{}".to_owned() }
     }
 
     async fn run_until(store: &Arc<Store>, handler: &Arc<Recorder>, done: impl Fn(&[String]) -> bool) {
@@ -176,7 +177,8 @@ mod tests {
         let handler = Recorder::new(Some("!stuck"));
         run_until(&store, &handler, |seen| seen.len() == 2).await;
         assert_eq!(*handler.seen.lock().unwrap(), ["$plain1", "$plain2"]);
-        let waiting: Vec<String> = store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+        let waiting: Vec<String> =
+            store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id.to_string()).collect();
         assert_eq!(waiting, ["$stuck1", "$stuck2"], "the held room keeps its order and its jobs");
     }
 }

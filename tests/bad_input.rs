@@ -80,7 +80,7 @@ impl Fixture {
     }
 
     fn queued_ids(&self) -> Vec<String> {
-        self.store.pending_jobs(100_000).unwrap().into_iter().map(|j| j.event_id).collect()
+        self.store.pending_jobs(100_000).unwrap().into_iter().map(|j| j.event_id.to_string()).collect()
     }
 
     /// Queued events other than the follow-up probes.
@@ -185,13 +185,17 @@ async fn json_that_is_not_a_transaction_is_400_bad_json() {
 async fn events_that_are_not_event_objects_are_accepted_and_none_is_queued() {
     let f = fixture();
     // NB: ruma keeps events as `Raw`, so any JSON value is an acceptable event; only events with
-    // a string `event_id` are queued, and the worker deserializes them before acting.
+    // a valid event id and room id are queued (the rest are refused as they are read), and the
+    // worker deserializes them before acting.
     let bodies = [
         r#"{"events":[1,2]}"#,
         r#"{"events":[null,"x",[],{},true]}"#,
         r#"{"events":[{"type":"m.room.message","content":{"body":"stop"}}]}"#,
         r#"{"events":[{"type":"m.room.message","event_id":5,"content":{"body":"stop"}}]}"#,
         r#"{"events":[{"type":"m.room.message","event_id":["$e"],"content":{"body":"stop"}}]}"#,
+        r#"{"events":[{"type":"m.room.message","event_id":"$no-room","content":{"body":"stop"}}]}"#,
+        r#"{"events":[{"type":"m.room.message","event_id":"$bad-room","room_id":"ops","content":{"body":"stop"}}]}"#,
+        r#"{"events":[{"type":"m.room.message","event_id":"no-sigil","room_id":"!ops:example.org","content":{"body":"stop"}}]}"#,
     ];
     for (i, body) in bodies.into_iter().enumerate() {
         let (status, v) = f.put_txn(&format!("odd-{i}"), body).await;
@@ -267,8 +271,13 @@ fn deeply_nested_event_content_neither_overflows_the_stack_nor_reaches_the_worke
         // NB: the worker reads a queued event with ruma, which deserializes through serde_json;
         // its recursion limit (128) turns the nesting into an error before it can exhaust the
         // stack. Reading with ruma must return, whatever it returns.
-        let deep_jobs: Vec<_> =
-            f.store.pending_jobs(100).unwrap().into_iter().filter(|j| j.event_id.starts_with("$deep-")).collect();
+        let deep_jobs: Vec<_> = f
+            .store
+            .pending_jobs(100)
+            .unwrap()
+            .into_iter()
+            .filter(|j| j.event_id.as_str().starts_with("$deep-"))
+            .collect();
         for job in deep_jobs {
             let error = serde_json::from_str::<Value>(&job.event).unwrap_err();
             assert!(error.to_string().contains("recursion limit exceeded"), "{error}");
@@ -349,7 +358,7 @@ async fn bidi_and_zero_width_characters_in_a_command_are_accepted_and_queued_int
 #[tokio::test]
 async fn nul_and_lone_surrogate_escapes_are_kept_verbatim_or_the_event_is_skipped() {
     let f = fixture();
-    let nul = r#"{"events":[{"type":"m.room.message","event_id":"$nul\u0000id","content":{"body":"st\u0000op"}}]}"#;
+    let nul = r#"{"events":[{"type":"m.room.message","event_id":"$nul\u0000id","room_id":"!ops:example.org","content":{"body":"st\u0000op"}}]}"#;
     let (status, _) = f.put_txn("escape-nul", nul).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(f.queued_from_bad_input(), ["$nul\0id"]);
@@ -357,14 +366,14 @@ async fn nul_and_lone_surrogate_escapes_are_kept_verbatim_or_the_event_is_skippe
 
     // NB: `Raw` keeps the escape as written; reading the body as a string later fails, and the
     // worker skips events it cannot read.
-    let surrogate = r#"{"events":[{"type":"m.room.message","event_id":"$surrogate","content":{"body":"\ud800"}}]}"#;
+    let surrogate = r#"{"events":[{"type":"m.room.message","event_id":"$surrogate","room_id":"!ops:example.org","content":{"body":"\ud800"}}]}"#;
     let (status, _) = f.put_txn("escape-surrogate", surrogate).await;
     assert_eq!(status, StatusCode::OK);
     let job = f.store.pending_jobs(10).unwrap().into_iter().find(|j| j.event_id == "$surrogate").unwrap();
     assert!(job.event.contains(r"\ud800"), "{}", job.event);
     f.assert_still_serving().await;
 
-    let surrogate_id = r#"{"events":[{"type":"m.room.message","event_id":"$\udfff","content":{"body":"stop"}}]}"#;
+    let surrogate_id = r#"{"events":[{"type":"m.room.message","event_id":"$\udfff","room_id":"!ops:example.org","content":{"body":"stop"}}]}"#;
     let (status, _) = f.put_txn("escape-surrogate-id", surrogate_id).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(f.queued_from_bad_input(), ["$nul\0id", "$surrogate"]);

@@ -163,7 +163,7 @@ async fn events_of_a_transaction_are_queued_in_order() {
     let body = serde_json::json!({ "events": [ev("$1"), ev("$2"), ev("$3")] }).to_string();
     let (status, _) = call(&f, "PUT", "/_matrix/app/v1/transactions/o", body).await;
     assert_eq!(status, StatusCode::OK);
-    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id.to_string()).collect();
     assert_eq!(ids, ["$1", "$2", "$3"]);
 }
 
@@ -175,7 +175,7 @@ async fn the_bots_own_events_are_answered_but_not_queued() {
     let body = serde_json::json!({ "events": [ev("$1", "@a:x"), ev("$2", "@toggle:x"), ev("$3", "@toggle:xy")] });
     let (status, _) = call(&f, "PUT", "/_matrix/app/v1/transactions/own", body.to_string()).await;
     assert_eq!(status, StatusCode::OK);
-    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id.to_string()).collect();
     assert_eq!(ids, ["$1", "$3"]);
 }
 
@@ -211,7 +211,7 @@ async fn the_same_transaction_id_and_body_again_is_a_retry_but_another_body_is_p
 
     assert_eq!(call(&f, "PUT", "/_matrix/app/v1/transactions/1", after).await.0, StatusCode::OK);
     assert_eq!(sink.ingested.load(Ordering::SeqCst), 2, "a reused id with new content is taken in");
-    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id).collect();
+    let ids: Vec<String> = f.store.pending_jobs(10).unwrap().into_iter().map(|j| j.event_id.to_string()).collect();
     assert_eq!(ids, ["$before-restart", "$after-restart"]);
     let (_, metrics) = get_text(&f, "/metrics").await;
     assert!(metrics.contains("matrix_k8s_toggle_transactions_id_reused_total 1"), "{metrics}");

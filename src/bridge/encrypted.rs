@@ -86,8 +86,8 @@ impl Bridge {
                 tracing::debug!(event_id = %job.event_id, session_id, "no room key yet; waiting for it");
                 let parked = Parked {
                     event_id: job.event_id.clone(),
-                    room_id: room.to_string(),
-                    sender: sender.to_string(),
+                    room_id: room.to_owned(),
+                    sender: sender.to_owned(),
                     parked_ms: job.received_ms,
                 };
                 self.store.park_undecrypted(&parked, &session_id, &job.event)?;
@@ -95,9 +95,7 @@ impl Bridge {
             }
             Decryption::MissingKey { session_id: None } | Decryption::Failed(_) => {
                 tracing::info!(event_id = %job.event_id, sender = %sender, "cannot decrypt an event");
-                let event_id =
-                    <&EventId>::try_from(job.event_id.as_str()).map_err(|e| MatrixError::Build(e.to_string()))?;
-                self.tell_undecryptable(room, sender, event_id).await
+                self.tell_undecryptable(room, sender, &job.event_id).await
             }
         }
     }
@@ -130,14 +128,7 @@ impl Bridge {
             }
         };
         for parked in expired {
-            let (Ok(room), Ok(sender), Ok(event_id)) = (
-                <&RoomId>::try_from(parked.room_id.as_str()),
-                <&UserId>::try_from(parked.sender.as_str()),
-                <&EventId>::try_from(parked.event_id.as_str()),
-            ) else {
-                continue;
-            };
-            if let Err(e) = self.tell_undecryptable(room, sender, event_id).await {
+            if let Err(e) = self.tell_undecryptable(&parked.room_id, &parked.sender, &parked.event_id).await {
                 tracing::warn!(error = %e, "could not tell a sender their message was unreadable");
             }
         }

@@ -78,7 +78,7 @@ impl Bridge {
             }
         }
         // NB: a room once seen encrypted stays so, whatever the homeserver says later.
-        if self.store.is_room_encrypted(room.as_str())? {
+        if self.store.is_room_encrypted(room)? {
             self.rooms.set_encrypted(room);
         } else if self.room_state(room, StateEventType::RoomEncryption).await?.is_some() {
             self.mark_encrypted(room)?;
@@ -110,7 +110,7 @@ impl Bridge {
     /// Records that `room` is encrypted, here and in the state database (for after a restart).
     pub(super) fn mark_encrypted(&self, room: &RoomId) -> Result<(), BridgeError> {
         self.rooms.set_encrypted(room);
-        self.store.mark_room_encrypted(room.as_str())?;
+        self.store.mark_room_encrypted(room)?;
         Ok(())
     }
 }

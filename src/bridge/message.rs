@@ -77,12 +77,10 @@ impl Bridge {
                 .await?;
         }
 
-        let progress = self.store.progress(message.event_id.as_str())?;
+        let progress = self.store.progress(&message.event_id)?;
         let (reply, follow_up) = match (progress, reply) {
             (Some(Progress::Replied), _) => return Ok(()),
-            (Some(Progress::Acted { reply }), _) => {
-                (Reply::text(reply), self.store.rollout(message.event_id.as_str())?)
-            }
+            (Some(Progress::Acted { reply }), _) => (Reply::text(reply), self.store.rollout(&message.event_id)?),
             (None, Some(reply)) => (reply, None),
             (None, None) => {
                 let limited = decision.is_ok() && command.is_some() && !self.limiter.allow(sender, job.received_ms);
@@ -119,19 +117,19 @@ impl Bridge {
                 };
                 let Some(reply) = reply else { return Ok(()) };
                 let rollout = follow_up.map(|f| Rollout {
-                    event_id: message.event_id.to_string(),
-                    room_id: room.to_string(),
+                    event_id: message.event_id.clone(),
+                    room_id: room.to_owned(),
                     target: f.target.name,
                     up: f.up,
                     started_ms: now_ms(),
                 });
-                self.store.set_acted(message.event_id.as_str(), &reply, rollout.as_ref())?;
+                self.store.set_acted(&message.event_id, &reply, rollout.as_ref())?;
                 (Reply::text(reply), rollout)
             }
         };
         self.send_notice(room, Some(&message.event_id), &reply, &txn_id("reply", &message.event_id)).await?;
         self.metrics.transaction_to_reply_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
-        self.store.set_progress(message.event_id.as_str(), &Progress::Replied)?;
+        self.store.set_progress(&message.event_id, &Progress::Replied)?;
         if let Some(rollout) = follow_up {
             self.follow_rollout(rollout);
         }
@@ -335,10 +333,7 @@ impl Bridge {
 
     /// `approve @user KEY`, once [`policy::authorize`] let it through: pins the new identity
     /// if `quoted` is the start of its key.
-    pub(super) async fn approve(&self, approver: &UserId, user: &str, quoted: &str) -> String {
-        let Ok(user) = <&UserId>::try_from(user) else {
-            return format!("{user} is not a user id.");
-        };
+    pub(super) async fn approve(&self, approver: &UserId, user: &UserId, quoted: &str) -> String {
         let Some(crypto) = self.crypto.get() else {
             return "Encryption is still being set up; try again in a moment.".into();
         };

@@ -17,7 +17,7 @@ use std::{
 };
 
 use ruma::{
-    EventId, OwnedEventId, OwnedRoomId, OwnedTransactionId, RoomId, UserId,
+    EventId, OwnedRoomId, OwnedTransactionId, RoomId, UserId,
     api::client::{
         membership::{get_member_events, join_room_by_id, leave_room},
         message::send_message_event,

@@ -12,12 +12,7 @@ impl Bridge {
             self.forget_rollout(&rollout.event_id);
             return;
         };
-        let (Ok(room), Ok(event_id)) =
-            (OwnedRoomId::try_from(rollout.room_id.as_str()), OwnedEventId::try_from(rollout.event_id.as_str()))
-        else {
-            self.forget_rollout(&rollout.event_id);
-            return;
-        };
+        let (room, event_id) = (rollout.room_id.clone(), rollout.event_id.clone());
         let (scaler, target) = (scaler.clone(), target.clone());
         let (outbox, store) = (self.outbox.clone(), self.store.clone());
         let timeout = self.config.rollout_timeout.saturating_sub(elapsed_since_ms(rollout.started_ms));
@@ -45,13 +40,13 @@ impl Bridge {
                     Ok(()) => break,
                 }
             }
-            if let Err(e) = store.finish_rollout(event_id.as_str()) {
+            if let Err(e) = store.finish_rollout(&event_id) {
                 tracing::warn!(error = %e, "could not forget a reported rollout");
             }
         });
     }
 
-    pub(super) fn forget_rollout(&self, event_id: &str) {
+    pub(super) fn forget_rollout(&self, event_id: &EventId) {
         if let Err(e) = self.store.finish_rollout(event_id) {
             tracing::warn!(error = %e, "could not forget a rollout");
         }
@@ -75,10 +70,7 @@ impl Bridge {
                 self.forget_rollout(&rollout.event_id);
                 continue;
             }
-            let Ok(room) = <&RoomId>::try_from(rollout.room_id.as_str()) else {
-                self.forget_rollout(&rollout.event_id);
-                continue;
-            };
+            let room = &rollout.room_id;
             // NB: the room's encryption must be known before anything is sent there.
             if !self.rooms.is_loaded(room)
                 && let Err(e) = self.load_room(room).await
