@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Bridge {
+impl<H: Homeserver> Bridge<H> {
     pub(super) async fn on_encrypted(&self, job: &Job, room: &RoomId, sender: &UserId) -> Result<(), BridgeError> {
         let Some(crypto) = self.crypto.get() else {
             return Err(BridgeError::WouldLeakPlaintext(room.to_owned()));

@@ -3,15 +3,15 @@
 
 use super::*;
 
-impl Bridge {
+impl<H: Homeserver> Bridge<H> {
     pub(super) async fn on_member(&self, member: RoomMemberEvent) -> Result<(), BridgeError> {
         let room = member.room_id().to_owned();
         let user = <&UserId>::try_from(member.state_key().as_str()).ok().map(ToOwned::to_owned);
         let Some(user) = user else { return Ok(()) };
         let membership = member.membership().clone();
-        if user == *self.matrix.bot() {
+        if user == *self.homeserver.bot() {
             match membership {
-                MembershipState::Invite if member.sender() != self.matrix.bot() => {
+                MembershipState::Invite if member.sender() != self.homeserver.bot() => {
                     return self.on_invite(room, member.sender()).await;
                 }
                 MembershipState::Leave | MembershipState::Ban => self.rooms.forget(&room),
@@ -29,9 +29,7 @@ impl Bridge {
             });
             if !anyone_allowed {
                 tracing::info!(room_id = %room, "no allowed user is left; leaving the room");
-                let mut request = leave_room::v3::Request::new(room.clone());
-                request.reason = Some("no allowed user is left in this room".into());
-                self.matrix.send(request).await?;
+                self.homeserver.leave(&room, "no allowed user is left in this room").await?;
                 self.rooms.forget(&room);
             }
         }
@@ -41,7 +39,7 @@ impl Bridge {
     pub(super) async fn on_invite(&self, room: OwnedRoomId, inviter: &UserId) -> Result<(), BridgeError> {
         if policy::may_invite(&self.config, inviter) {
             tracing::info!(room_id = %room, inviter = %inviter, "joining on invite");
-            match self.matrix.send(join_room_by_id::v3::Request::new(room.clone())).await {
+            match self.homeserver.join(&room).await {
                 Ok(_) => {}
                 // NB: the invite may have been withdrawn, or the room left, before we got here.
                 Err(e) if e.errcode() == Some("M_FORBIDDEN") || e.errcode() == Some("M_NOT_FOUND") => {
@@ -53,9 +51,7 @@ impl Bridge {
             self.load_room(&room).await?;
         } else {
             tracing::info!(room_id = %room, inviter = %inviter, "rejecting an invite from a user who is not allowed");
-            let mut request = leave_room::v3::Request::new(room);
-            request.reason = Some("only allowed users can invite this bot".into());
-            match self.matrix.send(request).await {
+            match self.homeserver.leave(&room, "only allowed users can invite this bot").await {
                 Ok(_) => {}
                 Err(e) if !e.is_transient() => {
                     tracing::info!(error = %e, "could not reject the invite")
@@ -68,43 +64,21 @@ impl Bridge {
 
     /// Loads the member list and encryption state of `room` from the homeserver.
     pub(super) async fn load_room(&self, room: &RoomId) -> Result<(), BridgeError> {
-        let response = self.matrix.send(get_member_events::v3::Request::new(room.to_owned())).await?;
-        let mut members = BTreeMap::new();
-        for raw in response.chunk {
-            if let Ok(ev) = raw.deserialize()
-                && let Ok(user) = <&UserId>::try_from(ev.state_key().as_str())
-            {
-                members.insert(user.to_owned(), ev.membership().clone());
-            }
-        }
+        let members = self.homeserver.members(room).await?;
         // NB: a room once seen encrypted stays so, whatever the homeserver says later.
         if self.store.is_room_encrypted(room)? {
             self.rooms.set_encrypted(room);
-        } else if self.room_state(room, StateEventType::RoomEncryption).await?.is_some() {
+        } else if self.homeserver.state(room, StateEventType::RoomEncryption).await?.is_some() {
             self.mark_encrypted(room)?;
         }
         // NB: it decides whether invited members receive the keys of our replies.
-        if let Some(content) = self.room_state(room, StateEventType::RoomHistoryVisibility).await?
+        if let Some(content) = self.homeserver.state(room, StateEventType::RoomHistoryVisibility).await?
             && let Some(visibility) = content["history_visibility"].as_str()
         {
             self.rooms.set_history_visibility(room, visibility);
         }
         self.rooms.load(room, members);
         Ok(())
-    }
-
-    /// The content of the room's state event of `kind` (empty state key); `None` when unset.
-    pub(super) async fn room_state(
-        &self,
-        room: &RoomId,
-        kind: StateEventType,
-    ) -> Result<Option<serde_json::Value>, BridgeError> {
-        let request = get_state_event_for_key::v3::Request::new(room.to_owned(), kind, String::new());
-        match self.matrix.send(request).await {
-            Ok(response) => Ok(Some(serde_json::from_str(response.event_or_content.get()).unwrap_or_default())),
-            Err(e) if e.errcode() == Some("M_NOT_FOUND") => Ok(None),
-            Err(e) => Err(e.into()),
-        }
     }
 
     /// Records that `room` is encrypted, here and in the state database (for after a restart).

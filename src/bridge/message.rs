@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Bridge {
+impl<H: Homeserver> Bridge<H> {
     pub(super) async fn on_message(
         &self,
         job: &Job,
@@ -28,7 +28,7 @@ impl Bridge {
             BareCommands::Dm => Addressed::ToRoom,
             BareCommands::Always => Addressed::ToRoomBare,
         };
-        let mentioned = content.mentions.as_ref().is_some_and(|m| m.user_ids.contains(self.matrix.bot()));
+        let mentioned = content.mentions.as_ref().is_some_and(|m| m.user_ids.contains(self.homeserver.bot()));
         let (parsed, to_bot) = commands::read(&text.body, &self.names, addressed, mentioned);
         let sender = &message.sender;
         if matches!(parsed, Parsed::NotACommand) && !to_bot {

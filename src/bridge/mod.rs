@@ -4,7 +4,9 @@
 //! Here: the job dispatch ([`JobHandler`]) and the parts every room uses. Each step lives in
 //! its own file: `message` (the command recipe), `encrypted` (decrypt, park, requeue, the
 //! "could not decrypt" notice), `membership` (invites, leaving, loading rooms), `rollouts`
-//! (follow, resume) and `outbox` (sending). The words are in [`crate::replies`].
+//! (follow, resume), `outbox` (sending) and `homeserver` (the [`Homeserver`] trait: every call
+//! the bridge makes to the homeserver, so `decisions` can test it with an in-memory fake). The
+//! words are in [`crate::replies`].
 //!
 //! A command runs at most once: its progress is stored before the reply is sent, and replies
 //! use transaction ids derived from the command's event id, so the homeserver drops repeats.
@@ -17,7 +19,7 @@ use std::{
 };
 
 use ruma::{
-    EventId, OwnedRoomId, OwnedTransactionId, RoomId, UserId,
+    EventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, TransactionId, UserId,
     api::client::{
         membership::{get_member_events, join_room_by_id, leave_room},
         message::send_message_event,
@@ -37,12 +39,18 @@ use ruma::{
 
 use matrix_sdk_common::deserialized_responses::EncryptionInfo;
 
+#[cfg(test)]
+mod decisions;
 mod encrypted;
+#[cfg(test)]
+mod fake;
+mod homeserver;
 mod membership;
 mod message;
 mod outbox;
 mod rollouts;
 
+pub use homeserver::Homeserver;
 use outbox::{Outbox, txn_id};
 
 pub use crate::replies::{human_duration, outcome_line, status_line};
@@ -174,14 +182,14 @@ pub fn escape_html(s: &str) -> String {
 /// How long a refusal to a stranger stays the only one in a room.
 const REFUSAL_INTERVAL_MS: i64 = 3_600_000;
 
-/// The bridge: everything it needs to act on an event.
-pub struct Bridge {
+/// The bridge: everything it needs to act on an event. `H` is the homeserver (a fake in tests).
+pub struct Bridge<H = MatrixClient> {
     config: Arc<Config>,
-    matrix: Arc<MatrixClient>,
+    homeserver: Arc<H>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     rooms: Arc<Rooms>,
-    outbox: Arc<Outbox>,
+    outbox: Arc<Outbox<H>>,
     crypto: Arc<CryptoCell>,
     scaler: Result<Scaler, ScaleError>,
     names: BotNames,
@@ -191,12 +199,12 @@ pub struct Bridge {
     clock: SharedClock,
 }
 
-impl Bridge {
+impl<H: Homeserver> Bridge<H> {
     /// A bridge acting with these parts; `scaler` is the error to report when Kubernetes
     /// could not be configured.
     pub fn new(
         config: Arc<Config>,
-        matrix: Arc<MatrixClient>,
+        homeserver: Arc<H>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         rooms: Arc<Rooms>,
@@ -205,10 +213,10 @@ impl Bridge {
     ) -> Self {
         let names = BotNames::new(config.bot_user_id.as_str(), &config.display_name);
         let config_limit = config.commands_per_minute;
-        let outbox = Arc::new(Outbox { matrix: matrix.clone(), rooms: rooms.clone(), crypto: crypto.clone() });
+        let outbox = Arc::new(Outbox { homeserver: homeserver.clone(), rooms: rooms.clone(), crypto: crypto.clone() });
         Self {
             config,
-            matrix,
+            homeserver,
             store,
             metrics,
             rooms,
@@ -280,7 +288,7 @@ const STALE_ROLLOUT: Duration = Duration::from_secs(10 * 60);
 /// ones are handled, encrypted ones are retried until encryption is ready.
 const CRYPTO_SETUP_WAIT: Duration = Duration::from_secs(10);
 
-impl JobHandler for Bridge {
+impl<H: Homeserver> JobHandler for Bridge<H> {
     async fn handle(&self, job: &Job) -> Outcome {
         // NB: joining or answering before our device exists would make clients leave the bot
         // out of their room keys. NB: one deadline for all jobs, not 10 s for each.
@@ -292,7 +300,7 @@ impl JobHandler for Bridge {
                 return Outcome::Done;
             }
         };
-        if event.sender() == self.matrix.bot() {
+        if event.sender() == self.homeserver.bot() {
             return Outcome::Done;
         }
         match self.handle_event(job, event).await {

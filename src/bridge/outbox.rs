@@ -4,16 +4,16 @@
 use super::*;
 
 /// Sends the bot's messages: encrypted in encrypted rooms, never plaintext there.
-pub(super) struct Outbox {
+pub(super) struct Outbox<H> {
     /// The homeserver.
-    pub(super) matrix: Arc<MatrixClient>,
+    pub(super) homeserver: Arc<H>,
     /// Whether a room is encrypted, and who gets its keys.
     pub(super) rooms: Arc<Rooms>,
     /// Encryption, once it is set up.
     pub(super) crypto: Arc<CryptoCell>,
 }
 
-impl Outbox {
+impl<H: Homeserver> Outbox<H> {
     pub(super) async fn send_notice(
         &self,
         room: &RoomId,
@@ -48,9 +48,7 @@ impl Outbox {
             crypto.send_encrypted(room, &info.key_recipients(), visibility, raw, txn.clone()).await?;
             return Ok(());
         }
-        let request = send_message_event::v3::Request::new(room.to_owned(), txn.clone(), &content)
-            .map_err(|e| MatrixError::Build(e.to_string()))?;
-        self.matrix.send(request).await?;
+        self.homeserver.send_message(room, txn, &content).await?;
         Ok(())
     }
 }

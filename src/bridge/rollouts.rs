@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Bridge {
+impl<H: Homeserver> Bridge<H> {
     /// Watches a rollout in the background and posts its outcome in reply to the command; the
     /// stored rollout is forgotten once that is done.
     pub(super) fn follow_rollout(&self, rollout: Rollout) {

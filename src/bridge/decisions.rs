@@ -1,0 +1,185 @@
+//! The bridge's decisions, tested without Synapse: who is refused, what is answered, what is
+//! scaled, and that nothing runs twice. The real-Synapse tests in `tests/` cover the wiring.
+
+use super::fake::{Call, Harness, room, user};
+use super::*;
+
+/// alice operates everything, bob only `web`; vic may look; eve is nobody.
+const CONFIG: &str = "allowed_users: ['@alice:example.org', '@bob:example.org']\n\
+                      viewers: ['@vic:example.org']\n\
+                      targets:\n\
+                      \x20 - {name: web, namespace: apps}\n\
+                      \x20 - {name: db, namespace: apps, allowed_users: ['@alice:example.org']}\n";
+
+/// A harness whose room `!dm` is a direct chat of the bot with `with`.
+fn dm(with: &str) -> (Harness, OwnedRoomId) {
+    let h = Harness::new(CONFIG);
+    let dm = room("dm");
+    h.homeserver.room(&dm, &[&user(with)]);
+    (h, dm)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_allowed_users_stop_scales_to_zero_and_says_what_it_did() {
+    let (h, dm) = dm("alice");
+    let said = h.say(&dm, &user("alice"), "stop web").await;
+    assert_eq!(said, ["web is stopping: 2 → 0 replicas (`start` brings back 2)."]);
+    assert_eq!(h.replicas("web"), 0);
+    assert_eq!(h.replicas("db"), 2, "only the named target");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stranger_is_neither_obeyed_nor_answered_by_default() {
+    let (h, dm) = dm("eve");
+    assert_eq!(h.say(&dm, &user("eve"), "stop web").await, Vec::<String>::new());
+    assert_eq!(h.patches(), 0);
+    assert_eq!(h.replicas("web"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_hourly_refusals_a_stranger_hears_one_refusal_per_room_per_hour() {
+    let h = Harness::new(&format!("{CONFIG}unauthorized_reply: hourly\n"));
+    let dm = room("dm");
+    h.homeserver.room(&dm, &[&user("eve")]);
+    let first = h.say(&dm, &user("eve"), "stop web").await;
+    assert_eq!(first.len(), 1);
+    assert!(first[0].contains("may not command this bot"), "{first:?}");
+    assert_eq!(h.say(&dm, &user("eve"), "stop web").await, Vec::<String>::new(), "within the hour");
+    h.clock.advance_ms(3_600_000);
+    assert_eq!(h.say(&dm, &user("eve"), "stop web").await.len(), 1, "an hour later");
+    assert_eq!(h.patches(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_viewer_may_see_the_status_but_not_stop() {
+    let (h, dm) = dm("vic");
+    let said = h.say(&dm, &user("vic"), "stop web").await;
+    assert_eq!(said, ["You may look but not change anything: `stop` needs ALLOWED_USERS, and you are in VIEWERS."]);
+    assert_eq!(h.patches(), 0);
+    let said = h.say(&dm, &user("vic"), "status web").await;
+    assert_eq!(said.len(), 1);
+    assert!(said[0].starts_with("web is "), "{said:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_narrowed_to_one_target_may_not_touch_another() {
+    let (h, dm) = dm("bob");
+    assert_eq!(h.say(&dm, &user("bob"), "stop db").await, ["You may not operate that target."]);
+    assert_eq!(h.replicas("db"), 2);
+    let said = h.say(&dm, &user("bob"), "status").await;
+    assert_eq!(said.len(), 1);
+    assert!(said[0].starts_with("web is ") && !said[0].contains("db"), "bob sees only web: {said:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_a_group_room_a_bare_stop_said_to_a_colleague_is_ignored_and_an_addressed_one_runs() {
+    let h = Harness::new(CONFIG);
+    let ops = room("ops");
+    h.homeserver.room(&ops, &[&user("alice"), &user("bob")]);
+    assert_eq!(h.say(&ops, &user("alice"), "stop").await, Vec::<String>::new());
+    assert_eq!(h.say(&ops, &user("alice"), "stop web").await, Vec::<String>::new());
+    assert_eq!(h.patches(), 0);
+    let said = h.say(&ops, &user("alice"), "!toggle stop web").await;
+    assert_eq!(said.len(), 1);
+    assert_eq!(h.replicas("web"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_whose_reply_could_not_be_sent_is_not_run_again_when_it_is_retried() {
+    let (h, dm) = dm("alice");
+    let job = h.message(&dm, &user("alice"), "stop web");
+    h.homeserver.fail_sends(1);
+    assert!(matches!(h.handle(&job).await, Outcome::RetryAfter(_)), "the reply failed: try again");
+    assert_eq!(h.replicas("web"), 0);
+    h.cluster.add_deployment("apps", "web", 3);
+    assert_eq!(h.handle(&job).await, Outcome::Done);
+    assert_eq!(h.patches(), 1, "stopped once");
+    assert_eq!(h.replicas("web"), 3, "the retry did not act again");
+    let replies = || h.homeserver.sent().into_iter().filter(|t| t.contains("is stopping")).collect::<Vec<_>>();
+    assert_eq!(replies(), ["web is stopping: 2 → 0 replicas (`start` brings back 2)."]);
+    assert_eq!(h.handle(&job).await, Outcome::Done, "redelivered once more");
+    assert_eq!(replies().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_older_than_the_maximum_age_is_answered_not_run() {
+    let (h, dm) = dm("alice");
+    let job = h.message(&dm, &user("alice"), "stop web");
+    h.clock.advance_ms(301_000);
+    assert_eq!(h.handle(&job).await, Outcome::Done);
+    let sent = h.homeserver.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].starts_with("not run: sent 5 min"), "{sent:?}");
+    assert_eq!(h.patches(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_above_the_targets_maximum_is_refused_without_scaling() {
+    let (h, dm) = dm("alice");
+    assert_eq!(h.say(&dm, &user("alice"), "start web 11").await, ["web allows at most 10 replicas."]);
+    assert_eq!(h.patches(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn approve_in_an_unencrypted_room_is_refused() {
+    let (h, dm) = dm("alice");
+    let said = h.say(&dm, &user("alice"), "approve @bob:example.org Xk3d9aQ2").await;
+    assert_eq!(said, ["Not run: `approve` must be sent in an encrypted room, so I can tell it comes from you."]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_require_encryption_a_plaintext_command_is_refused_once_an_hour() {
+    let h = Harness::new(&format!("{CONFIG}require_encryption: true\n"));
+    let dm = room("dm");
+    h.homeserver.room(&dm, &[&user("alice")]);
+    let said = h.say(&dm, &user("alice"), "stop web").await;
+    assert_eq!(said.len(), 1);
+    assert!(said[0].contains("REQUIRE_ENCRYPTION=true"), "{said:?}");
+    assert_eq!(h.say(&dm, &user("alice"), "stop web").await, Vec::<String>::new());
+    assert_eq!(h.patches(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invite_from_an_allowed_user_is_joined_and_one_from_a_stranger_rejected() {
+    let h = Harness::new(CONFIG);
+    let invite = |from: &str, to: &RoomId| {
+        h.job(
+            to,
+            serde_json::json!({
+                "type": "m.room.member", "state_key": h.homeserver.bot(), "sender": user(from),
+                "origin_server_ts": 1, "content": { "membership": "invite" },
+            }),
+        )
+    };
+    assert_eq!(h.handle(&invite("alice", &room("a"))).await, Outcome::Done);
+    assert_eq!(h.handle(&invite("eve", &room("e"))).await, Outcome::Done);
+    assert_eq!(
+        h.homeserver.calls(),
+        [Call::Join(room("a")), Call::Leave(room("e"), "only allowed users can invite this bot".into())]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bot_leaves_a_room_when_the_last_allowed_user_leaves() {
+    let h = Harness::new(CONFIG);
+    let ops = room("ops");
+    h.homeserver.room(&ops, &[&user("alice"), &user("eve")]);
+    h.say(&ops, &user("eve"), "hello").await;
+    let leave = h.job(
+        &ops,
+        serde_json::json!({
+            "type": "m.room.member", "state_key": user("alice"), "sender": user("alice"),
+            "origin_server_ts": 1, "content": { "membership": "leave" },
+        }),
+    );
+    assert_eq!(h.handle(&leave).await, Outcome::Done);
+    assert_eq!(h.homeserver.calls(), [Call::Leave(ops, "no allowed user is left in this room".into())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bots_own_messages_are_never_read_as_commands() {
+    let (h, dm) = dm("alice");
+    let bot = h.homeserver.bot().to_owned();
+    assert_eq!(h.say(&dm, &bot, "stop web").await, Vec::<String>::new());
+    assert_eq!(h.patches(), 0);
+}
