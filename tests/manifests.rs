@@ -270,11 +270,16 @@ fn environment(m: &Manifests) -> BTreeMap<String, String> {
     env
 }
 
-/// The string literals of src/config.rs outside its tests: every setting it reads is among them.
+/// The string literals of src/config/ outside its tests: every setting it reads is among them.
 fn config_rs_literals() -> BTreeSet<String> {
-    let source = read(&repo().join("src/config.rs"));
-    let code = source.split("#[cfg(test)]").next().unwrap();
-    code.split('"').skip(1).step_by(2).map(str::to_owned).collect()
+    ["src/config/mod.rs", "src/config/settings.rs"]
+        .iter()
+        .flat_map(|file| {
+            let source = read(&repo().join(file));
+            let code = source.split("#[cfg(test)]").next().unwrap().to_owned();
+            code.split('"').skip(1).step_by(2).map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 #[test]
