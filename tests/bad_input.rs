@@ -3,72 +3,38 @@
 //! is answered cleanly, nothing harmful is queued, and the next valid transaction still gets
 //! `200`.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicUsize, Ordering},
-};
+mod support;
 
-use axum::{
-    body::Body,
-    http::{Request, StatusCode},
-};
-use http_body_util::BodyExt;
-use matrix_k8s_toggle::{
-    appservice::{AppState, MAX_BODY_BYTES, NoSink, app},
-    metrics::Metrics,
-    secret::Secret,
-    store::Store,
-};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::http::StatusCode;
+use matrix_k8s_toggle::appservice::MAX_BODY_BYTES;
 use ruma::{events::AnyTimelineEvent, serde::Raw};
 use serde_json::{Value, json};
-use tokio::sync::Notify;
-use tower::ServiceExt;
-
-const TOKEN: &str = "hs-token-for-tests-0123456789";
+use support::oneshot::Oneshot;
 
 /// The stack a Tokio worker thread gets by default.
 const NORMAL_STACK: usize = 2 * 1024 * 1024;
 
+/// The app without a socket, and a counter for the probes that check it still serves.
 struct Fixture {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    store: Arc<Store>,
+    app: Oneshot,
     follow_ups: AtomicUsize,
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let state = AppState::new(
-        Secret::new(TOKEN),
-        store.clone(),
-        Arc::new(Metrics::new()),
-        Arc::new(NoSink),
-        Arc::new(Notify::new()),
-        Arc::new(AtomicBool::new(false)),
-    );
-    Fixture { _dir: dir, state, store, follow_ups: AtomicUsize::new(0) }
+    Fixture { app: Oneshot::new(), follow_ups: AtomicUsize::new(0) }
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Oneshot;
+
+    fn deref(&self) -> &Oneshot {
+        &self.app
+    }
 }
 
 impl Fixture {
-    async fn put(&self, uri: &str, body: impl Into<Body>) -> (StatusCode, Value) {
-        let req = Request::builder()
-            .method("PUT")
-            .uri(uri)
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
-            .body(body.into())
-            .unwrap();
-        let resp = app(self.state.clone()).oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    async fn put_txn(&self, txn_id: &str, body: impl Into<Body>) -> (StatusCode, Value) {
-        self.put(&format!("/_matrix/app/v1/transactions/{txn_id}"), body).await
-    }
-
     /// A valid transaction with a fresh id must still be accepted and queued.
     async fn assert_still_serving(&self) {
         let n = self.follow_ups.fetch_add(1, Ordering::Relaxed);
@@ -77,10 +43,6 @@ impl Fixture {
         let (status, v) = self.put_txn(&format!("follow-up-{n}"), body).await;
         assert_eq!((status, v), (StatusCode::OK, json!({})), "the server stopped serving");
         assert!(self.queued_ids().contains(&event_id), "{event_id} was not queued");
-    }
-
-    fn queued_ids(&self) -> Vec<String> {
-        self.store.pending_jobs(100_000).unwrap().into_iter().map(|j| j.event_id.to_string()).collect()
     }
 
     /// Queued events other than the follow-up probes.
@@ -312,7 +274,7 @@ async fn a_transaction_id_that_is_not_utf8_is_400() {
 async fn an_empty_transaction_id_is_404_unrecognized() {
     let f = fixture();
     for uri in ["/_matrix/app/v1/transactions/", "/_matrix/app/v1/transactions", "/transactions/"] {
-        let (status, v) = f.put(uri, r#"{"events":[]}"#).await;
+        let (status, v) = f.call("PUT", uri, r#"{"events":[]}"#).await;
         assert_eq!((status, v["errcode"].as_str()), (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED")), "{uri}");
         f.assert_still_serving().await;
     }

@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod client;
 pub mod e2ee;
+pub mod oneshot;
 pub mod proxied;
 pub mod proxy;
 pub mod synapse;
