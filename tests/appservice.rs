@@ -4,26 +4,14 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::json;
 use support::{
-    bridge::{BridgeProcess, BridgeSetup, tokens},
+    bridge::{BridgeProcess, BridgeSetup},
     client::User,
     scratch_dir,
+    stack::{Stack, WAIT},
     synapse::Synapse,
 };
-
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn stack() -> (tempfile::TempDir, Synapse, BridgeProcess, String) {
-    let dir = scratch_dir();
-    let setup = BridgeSetup::new(dir.path());
-    let synapse = Synapse::start(dir.path(), &setup.registration);
-    let (hs_token, _) = tokens(&setup.registration);
-    let bridge = setup.start(&synapse.url).await;
-    (dir, synapse, bridge, hs_token)
-}
 
 fn txn_body(event_id: &str) -> serde_json::Value {
     json!({ "events": [{
@@ -47,7 +35,8 @@ async fn put_txn(bridge: &BridgeProcess, txn: &str, token: Option<&str>, body: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synapse_accepts_the_generated_registration_and_pushes_an_invite_the_bot_joins() {
-    let (_dir, synapse, bridge, _) = stack().await;
+    let s = Stack::start().await;
+    let (synapse, bridge) = (&s.synapse, &s.bridge);
     let (alice_id, token) = synapse.register("alice").await;
     let alice = User::new(&synapse.url, alice_id, token);
     let room = alice.create_room(&["@toggle:localhost"], false).await;
@@ -60,7 +49,8 @@ async fn synapse_accepts_the_generated_registration_and_pushes_an_invite_the_bot
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_from_a_user_who_is_not_allowed_is_rejected() {
-    let (_dir, synapse, _bridge, _) = stack().await;
+    let s = Stack::start().await;
+    let synapse = &s.synapse;
     let (id, token) = synapse.register("mallory").await;
     let mallory = User::new(&synapse.url, id, token);
     let room = mallory.create_room(&["@toggle:localhost"], false).await;
@@ -69,11 +59,12 @@ async fn an_invite_from_a_user_who_is_not_allowed_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_gets_403_and_a_missing_one_401() {
-    let (_dir, _synapse, bridge, hs_token) = stack().await;
+    let s = Stack::start().await;
+    let (bridge, hs_token) = (&s.bridge, s.hs_token.clone());
     let body = txn_body("$e1").to_string();
-    let (status, v) = put_txn(&bridge, "t1", None, &body).await;
+    let (status, v) = put_txn(bridge, "t1", None, &body).await;
     assert_eq!((status, v["errcode"].as_str()), (401, Some("M_MISSING_TOKEN")));
-    let (status, v) = put_txn(&bridge, "t1", Some("not-the-token"), &body).await;
+    let (status, v) = put_txn(bridge, "t1", Some("not-the-token"), &body).await;
     assert_eq!((status, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
     let status = reqwest::Client::new()
         .put(format!("{}/transactions/t1?access_token=wrong", bridge.url))
@@ -85,16 +76,18 @@ async fn a_wrong_token_gets_403_and_a_missing_one_401() {
         .status();
     assert_eq!(status.as_u16(), 403, "header and query token must agree");
     assert_eq!(bridge.metric("matrix_k8s_toggle_events_total{type=\"m.room.message\"}").await, 0.0);
-    let (status, _) = put_txn(&bridge, "t1", Some(&hs_token), &body).await;
+    let (status, _) = put_txn(bridge, "t1", Some(&hs_token), &body).await;
     assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_transaction_twice_is_processed_once_also_across_a_restart() {
-    let (_dir, _synapse, mut bridge, hs_token) = stack().await;
+    let mut s = Stack::start().await;
+    let hs_token = s.hs_token.clone();
+    let bridge = &mut s.bridge;
     let body = txn_body("$dup").to_string();
-    assert_eq!(put_txn(&bridge, "same", Some(&hs_token), &body).await, (200, json!({})));
-    assert_eq!(put_txn(&bridge, "same", Some(&hs_token), &body).await, (200, json!({})));
+    assert_eq!(put_txn(bridge, "same", Some(&hs_token), &body).await, (200, json!({})));
+    assert_eq!(put_txn(bridge, "same", Some(&hs_token), &body).await, (200, json!({})));
     // NB: Synapse sends transactions of its own (key counts), so only ours are counted by type.
     assert_eq!(bridge.metric("matrix_k8s_toggle_transactions_total{result=\"replayed\"}").await, 1.0);
     assert_eq!(bridge.metric("matrix_k8s_toggle_events_total{type=\"m.room.message\"}").await, 1.0);
@@ -102,19 +95,20 @@ async fn the_same_transaction_twice_is_processed_once_also_across_a_restart() {
     let status = bridge.terminate();
     assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
     bridge.start_again().await;
-    assert_eq!(put_txn(&bridge, "same", Some(&hs_token), &body).await, (200, json!({})));
+    assert_eq!(put_txn(bridge, "same", Some(&hs_token), &body).await, (200, json!({})));
     assert_eq!(bridge.metric("matrix_k8s_toggle_transactions_total{result=\"replayed\"}").await, 1.0);
     assert_eq!(bridge.metric("matrix_k8s_toggle_events_total{type=\"m.room.message\"}").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garbage_body_gets_400_and_the_server_keeps_serving() {
-    let (_dir, _synapse, bridge, hs_token) = stack().await;
-    let (status, v) = put_txn(&bridge, "g1", Some(&hs_token), "{not json").await;
+    let s = Stack::start().await;
+    let (bridge, hs_token) = (&s.bridge, s.hs_token.clone());
+    let (status, v) = put_txn(bridge, "g1", Some(&hs_token), "{not json").await;
     assert_eq!((status, v["errcode"].as_str()), (400, Some("M_NOT_JSON")));
-    let (status, v) = put_txn(&bridge, "g2", Some(&hs_token), r#"{"events": 5}"#).await;
+    let (status, v) = put_txn(bridge, "g2", Some(&hs_token), r#"{"events": 5}"#).await;
     assert_eq!((status, v["errcode"].as_str()), (400, Some("M_BAD_JSON")));
-    let (status, _) = put_txn(&bridge, "g3", Some(&hs_token), &txn_body("$ok").to_string()).await;
+    let (status, _) = put_txn(bridge, "g3", Some(&hs_token), &txn_body("$ok").to_string()).await;
     assert_eq!(status, 200);
     let health = reqwest::get(format!("{}/healthz", bridge.url)).await.unwrap();
     assert!(health.status().is_success());

@@ -8,74 +8,22 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{
-    bridge::{BridgeProcess, BridgeSetup, tokens},
-    client::User,
-    deploy_role_rules, scratch_dir,
-    synapse::Synapse,
+    deploy_role_rules,
+    stack::{BOT, Stack, StackBuilder, WAIT},
 };
 use test_apiserver::{ControllerMode, RbacRule, TestApiServer, WorkloadKind};
 
-const WAIT: Duration = Duration::from_secs(30);
-const BOT: &str = "@toggle:localhost";
-
-struct Stack {
-    synapse: Synapse,
-    bridge: BridgeProcess,
-    api: TestApiServer,
-    hs_token: String,
-    // NB: last, so the scratch directory outlives the processes using it.
-    _dir: tempfile::TempDir,
+/// The default stack with `api` and rollouts followed for 20 s.
+fn with(api: TestApiServer) -> StackBuilder {
+    Stack::build().api(api).env("ROLLOUT_TIMEOUT_SECS", "20")
 }
 
-async fn stack_with(configure: impl FnOnce(BridgeSetup, &std::path::Path) -> BridgeSetup, api: TestApiServer) -> Stack {
-    let dir = scratch_dir();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let setup =
-        BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap()).env("ROLLOUT_TIMEOUT_SECS", "20");
-    let setup = configure(setup, dir.path());
-    let synapse = Synapse::start(dir.path(), &setup.registration);
-    let (hs_token, _) = tokens(&setup.registration);
-    let bridge = setup.start(&synapse.url).await;
-    Stack { _dir: dir, synapse, bridge, api, hs_token }
-}
-
+/// Deployment clawdbot/clawdbot at `replicas`, ready 300 ms after a change.
 async fn stack(replicas: i32) -> Stack {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", replicas);
     api.set_controller(ControllerMode::Ready { after: Duration::from_millis(300) });
-    stack_with(|s, _| s, api).await
-}
-
-impl Stack {
-    async fn user(&self, name: &str) -> User {
-        let (id, token) = self.synapse.register(name).await;
-        User::new(&self.synapse.url, id, token)
-    }
-
-    /// A room of `user`, `other` and the bot, all joined.
-    async fn group_room(&self, user: &User, other: &User) -> String {
-        let room = user.create_room(&[BOT, &other.user_id], false).await;
-        user.wait_for_membership(&room, BOT, "join", WAIT).await;
-        other.join(&room).await;
-        room
-    }
-
-    /// A DM between `user` and the bot, joined.
-    async fn dm(&self, user: &User) -> String {
-        let room = user.create_room(&[BOT], false).await;
-        user.wait_for_membership(&room, BOT, "join", WAIT).await;
-        room
-    }
-
-    fn scale_patches(&self) -> Vec<Value> {
-        self.api
-            .requests()
-            .into_iter()
-            .filter(|r| r.method == "PATCH" && r.path.ends_with("/scale"))
-            .map(|r| serde_json::from_str(&r.body).unwrap())
-            .collect()
-    }
+    with(api).start().await
 }
 
 fn body(event: &Value) -> &str {
@@ -170,7 +118,7 @@ async fn chatter_in_a_group_room_gets_no_answer() {
 async fn a_viewer_sees_status_and_list_but_cannot_stop() {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", 1);
-    let s = stack_with(|s, _| s.env("VIEWERS", "@vic:localhost"), api).await;
+    let s = with(api).env("VIEWERS", "@vic:localhost").start().await;
     let alice = s.user("alice").await;
     let vic = s.user("vic").await;
     let room = s.group_room(&alice, &vic).await;
@@ -186,7 +134,7 @@ async fn a_viewer_sees_status_and_list_but_cannot_stop() {
 async fn with_bare_commands_always_a_bare_command_in_a_group_room_is_obeyed_as_by_the_old_bot() {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", 1);
-    let s = stack_with(|s, _| s.env("BARE_COMMANDS", "always"), api).await;
+    let s = with(api).env("BARE_COMMANDS", "always").start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
     let room = s.group_room(&alice, &bob).await;
@@ -201,7 +149,7 @@ async fn with_bare_commands_always_a_bare_command_in_a_group_room_is_obeyed_as_b
 async fn with_require_encryption_a_command_in_an_unencrypted_room_is_refused_with_one_notice_an_hour() {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", 1);
-    let s = stack_with(|s, _| s.env("REQUIRE_ENCRYPTION", "true"), api).await;
+    let s = with(api).env("REQUIRE_ENCRYPTION", "true").start().await;
     let alice = s.user("alice").await;
     let room = s.dm(&alice).await;
     alice.send_text(&room, "stop").await;
@@ -304,19 +252,12 @@ async fn a_statefulset_target_from_the_config_file_is_scaled() {
     api.add_deployment("apps", "web", 1);
     api.add_statefulset("data", "postgres", 0);
     api.set_controller(ControllerMode::Ready { after: Duration::from_millis(200) });
-    let s = stack_with(
-        |setup, dir| {
-            let config = dir.join("config.yaml");
-            std::fs::write(
-                &config,
-                "targets:\n  - {name: web, namespace: apps}\n  - {name: db, kind: StatefulSet, namespace: data, workload: postgres, max_replicas: 3}\n",
-            )
-            .unwrap();
-            setup.env("CONFIG_PATH", config.to_str().unwrap())
-        },
-        api,
-    )
-    .await;
+    let s = with(api)
+        .config_file(
+            "targets:\n  - {name: web, namespace: apps}\n  - {name: db, kind: StatefulSet, namespace: data, workload: postgres, max_replicas: 3}\n",
+        )
+        .start()
+        .await;
     let alice = s.user("alice").await;
     let room = s.dm(&alice).await;
     alice.send_text(&room, "start db 2").await;

@@ -8,85 +8,21 @@ use std::time::Duration;
 
 use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, user_id};
 use serde_json::{Value, json};
-use support::{
-    bridge::{BridgeProcess, BridgeSetup, tokens},
-    client::User,
-    e2ee::E2eeClient,
-    free_port, proxied,
-    proxy::Proxy,
-    scratch_dir,
-    synapse::Synapse,
-};
-use test_apiserver::{ControllerMode, TestApiServer};
+use support::{bridge::tokens, client::User, e2ee::E2eeClient, scratch_dir, stack::Stack};
 
 fn bot() -> OwnedUserId {
     user_id!("@toggle:localhost").to_owned()
-}
-
-struct Stack {
-    synapse: Synapse,
-    bridge: BridgeProcess,
-    api: TestApiServer,
-    hs_token: String,
-    _proxy: Option<Proxy>,
-    // NB: last, so the scratch directory outlives the processes using it.
-    dir: tempfile::TempDir,
 }
 
 async fn stack(with_proxy: bool) -> Stack {
     stack_with(with_proxy, &[]).await
 }
 
+/// The stack for these tests: alice allowed, rollouts followed for 20 s, a proxy between
+/// Synapse and the bridge when `with_proxy`, and the `extra` settings.
 async fn stack_with(with_proxy: bool, extra: &[(&str, &str)]) -> Stack {
-    let dir = scratch_dir();
-    let api = TestApiServer::start().await.unwrap();
-    api.add_deployment("clawdbot", "clawdbot", 0);
-    api.set_controller(ControllerMode::Ready { after: Duration::from_millis(200) });
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let mut setup = BridgeSetup::new(dir.path())
-        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
-        .env("ALLOWED_USERS", "@alice:localhost")
-        .env("ROLLOUT_TIMEOUT_SECS", "20");
-    for (k, v) in extra {
-        setup = setup.env(k, v);
-    }
-    let mut proxy = None;
-    if with_proxy {
-        let behind = free_port();
-        proxy = Some(Proxy::start(setup.port, &format!("http://127.0.0.1:{behind}")).await);
-        setup = setup.env("LISTEN_ADDRESS", &format!("127.0.0.1:{behind}"));
-    }
-    let synapse = Synapse::start(dir.path(), &setup.registration);
-    let (hs_token, _) = tokens(&setup.registration);
-    let bridge = setup.start(&synapse.url).await;
-    Stack { dir, synapse, bridge, api, hs_token, _proxy: proxy }
-}
-
-impl Stack {
-    async fn person(&self, name: &str, device: &str) -> E2eeClient {
-        if device == "1" {
-            self.synapse.register(name).await;
-        }
-        E2eeClient::login(&self.synapse.url, name, &self.dir.path().join(format!("client-{name}-{device}"))).await
-    }
-
-    fn scale_patches(&self) -> Vec<Value> {
-        self.api
-            .requests()
-            .into_iter()
-            .filter(|r| r.method == "PATCH" && r.path.ends_with("/scale"))
-            .map(|r| serde_json::from_str(&r.body).unwrap())
-            .collect()
-    }
-
-    fn bridge_registration(&self) -> std::path::PathBuf {
-        self.dir.path().join("registration.yaml")
-    }
-
-    fn proxy(&self) -> &Proxy {
-        self._proxy.as_ref().unwrap()
-    }
+    let build = Stack::build().env("ALLOWED_USERS", "@alice:localhost").env("ROLLOUT_TIMEOUT_SECS", "20").envs(extra);
+    if with_proxy { build.proxy_before_bridge() } else { build }.start().await
 }
 
 async fn encrypted_room_with_bot(alice: &E2eeClient) -> matrix_sdk::ruma::OwnedRoomId {
@@ -361,7 +297,7 @@ async fn a_device_deleted_on_the_homeserver_is_replaced_and_the_log_says_what_is
     let previous = alice.devices_of(&bot()).await;
 
     assert!(s.bridge.terminate().success());
-    let (_, as_token) = tokens(&s.bridge_registration());
+    let (_, as_token) = tokens(&s.registration());
     let resp = reqwest::Client::new()
         .delete(format!("{}/_matrix/client/v3/devices/{}?user_id=%40toggle%3Alocalhost", s.synapse.url, previous[0].0))
         .bearer_auth(&as_token)
@@ -721,7 +657,8 @@ async fn after_a_restart_a_member_invited_to_a_joined_only_room_is_sent_no_room_
         },
     };
     // NB: the bridge reaches Synapse through a proxy that shows which devices it sends keys to.
-    let mut s = proxied::start(|proxy| proxy.record_paths_containing("/sendToDevice/")).await;
+    let mut s =
+        Stack::build().proxy_before_synapse(|proxy| proxy.record_paths_containing("/sendToDevice/")).start().await;
     let (synapse, dir) = (&s.synapse, s.dir.path().to_owned());
     synapse.register("alice").await;
     synapse.register("bob").await;
@@ -748,10 +685,10 @@ async fn after_a_restart_a_member_invited_to_a_joined_only_room_is_sent_no_room_
     s.bridge.start_again().await;
     alice.client.get_room(&room).unwrap().invite_user_by_id(&bob.user_id()).await.unwrap();
     bob.room(&room).await;
-    s.proxy.take_recorded();
+    s.proxy().take_recorded();
     assert!(ask(&room, &alice, &alice, "!toggle status").await.starts_with("clawdbot is off"));
     let to_bob: Vec<_> =
-        s.proxy.take_recorded().into_iter().filter(|(_, body)| body.contains("@bob:localhost")).collect();
+        s.proxy().take_recorded().into_iter().filter(|(_, body)| body.contains("@bob:localhost")).collect();
     assert!(to_bob.is_empty(), "an invited member of a joined-only room was sent the room key: {to_bob:?}");
 }
 

@@ -8,68 +8,31 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    bridge::{BridgeProcess, BridgeSetup},
     client::User,
-    eventually, proxied, scratch_dir,
-    synapse::Synapse,
+    eventually,
+    stack::{BOT, Stack, WAIT},
 };
-use test_apiserver::{ControllerMode, Fault, TestApiServer};
+use test_apiserver::{ControllerMode, Fault};
 
-const WAIT: Duration = Duration::from_secs(40);
-const BOT: &str = "@toggle:localhost";
-
-struct Stack {
-    synapse: Synapse,
-    bridge: BridgeProcess,
-    api: TestApiServer,
-    // NB: last, so the scratch directory outlives the processes using it.
-    _dir: tempfile::TempDir,
-}
-
+/// The default stack with `extra` settings.
 async fn stack(extra: &[(&str, &str)]) -> Stack {
-    let dir = scratch_dir();
-    let api = TestApiServer::start().await.unwrap();
-    api.add_deployment("clawdbot", "clawdbot", 0);
-    api.set_controller(ControllerMode::Ready { after: Duration::from_millis(200) });
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let mut setup = BridgeSetup::new(dir.path()).env("KUBECONFIG", kubeconfig.to_str().unwrap());
-    for (k, v) in extra {
-        setup = setup.env(k, v);
-    }
-    let synapse = Synapse::start(dir.path(), &setup.registration);
-    let bridge = setup.start(&synapse.url).await;
-    Stack { _dir: dir, synapse, bridge, api }
+    Stack::build().envs(extra).start().await
 }
 
-impl Stack {
-    async fn alice_in_dm(&self) -> (User, String) {
-        let (id, token) = self.synapse.register("alice").await;
-        let alice = User::new(&self.synapse.url, id, token);
-        let room = alice.create_room(&[BOT], false).await;
-        alice.wait_for_membership(&room, BOT, "join", WAIT).await;
-        (alice, room)
-    }
+/// Alice, in a DM with the bot.
+async fn alice_in_dm(s: &Stack) -> (User, String) {
+    let alice = s.user("alice").await;
+    let room = s.dm(&alice).await;
+    (alice, room)
+}
 
-    fn scale_patches(&self) -> usize {
-        self.api.requests().iter().filter(|r| r.method == "PATCH" && r.path.ends_with("/scale")).count()
-    }
-
-    /// Sends `status` and waits for its answer, the `count`th message of the bot: the room's
-    /// events are handled in order, so anything earlier would have been answered before it.
-    async fn status_answered_as_message(&self, alice: &User, room: &str, count: usize) -> Vec<Value> {
-        let marker = alice.send_text(room, "status").await;
-        let replies = alice.wait_for_messages(room, BOT, count, WAIT).await;
-        assert_eq!(replies_to(&replies, &marker).len(), 1, "{replies:?}");
-        replies
-    }
-
-    async fn wait_for_patch(&self) {
-        eventually(WAIT, "the scale PATCH to reach the apiserver", || async {
-            (self.scale_patches() > 0).then_some(())
-        })
-        .await;
-    }
+/// Sends `status` and waits for its answer, the `count`th message of the bot: the room's
+/// events are handled in order, so anything earlier would have been answered before it.
+async fn status_answered_as_message(alice: &User, room: &str, count: usize) -> Vec<Value> {
+    let marker = alice.send_text(room, "status").await;
+    let replies = alice.wait_for_messages(room, BOT, count, WAIT).await;
+    assert_eq!(replies_to(&replies, &marker).len(), 1, "{replies:?}");
+    replies
 }
 
 fn body(e: &Value) -> &str {
@@ -83,7 +46,7 @@ fn replies_to<'a>(replies: &'a [Value], event_id: &str) -> Vec<&'a Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_right_after_the_patch_causes_no_second_patch_and_exactly_one_reply() {
     let mut s = stack(&[]).await;
-    let (alice, room) = s.alice_in_dm().await;
+    let (alice, room) = alice_in_dm(&s).await;
     s.api.set_answer_delay(Duration::from_secs(3));
     let command = alice.send_text(&room, "start").await;
     s.wait_for_patch().await;
@@ -93,17 +56,17 @@ async fn a_kill_right_after_the_patch_causes_no_second_patch_and_exactly_one_rep
 
     s.bridge.start_again().await;
     alice.wait_for_messages(&room, BOT, 1, WAIT).await;
-    let replies = s.status_answered_as_message(&alice, &room, 2).await;
+    let replies = status_answered_as_message(&alice, &room, 2).await;
     let answers = replies_to(&replies, &command);
     assert_eq!(answers.len(), 1, "{replies:?}");
     assert!(body(answers[0]).contains("clawdbot is already on (1 replicas)"), "{replies:?}");
-    assert_eq!(s.scale_patches(), 1);
+    assert_eq!(s.scale_patches().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_interrupted_by_a_kill_is_still_reported_once_after_the_restart() {
     let mut s = stack(&[]).await;
-    let (alice, room) = s.alice_in_dm().await;
+    let (alice, room) = alice_in_dm(&s).await;
     s.api.set_controller(ControllerMode::Ready { after: Duration::from_secs(4) });
     let command = alice.send_text(&room, "start").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
@@ -112,17 +75,17 @@ async fn a_rollout_interrupted_by_a_kill_is_still_reported_once_after_the_restar
 
     s.bridge.start_again().await;
     alice.wait_for_messages(&room, BOT, 2, WAIT).await;
-    let replies = s.status_answered_as_message(&alice, &room, 3).await;
+    let replies = status_answered_as_message(&alice, &room, 3).await;
     let answers = replies_to(&replies, &command);
     assert_eq!(answers.len(), 2, "{replies:?}");
     assert!(body(answers[1]).starts_with("clawdbot is up: 1/1 ready after"), "{replies:?}");
-    assert_eq!(s.scale_patches(), 1);
+    assert_eq!(s.scale_patches().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_waits_while_synapse_is_down_and_is_delivered_when_it_is_back() {
     let s = stack(&[]).await;
-    let (alice, room) = s.alice_in_dm().await;
+    let (alice, room) = alice_in_dm(&s).await;
     s.api.set_answer_delay(Duration::from_secs(2));
     let command = alice.send_text(&room, "start").await;
     s.wait_for_patch().await;
@@ -132,18 +95,18 @@ async fn a_reply_waits_while_synapse_is_down_and_is_delivered_when_it_is_back() 
     s.synapse.start_again();
     // The reply, then the rollout's outcome.
     alice.wait_for_messages(&room, BOT, 2, WAIT).await;
-    let replies = s.status_answered_as_message(&alice, &room, 3).await;
+    let replies = status_answered_as_message(&alice, &room, 3).await;
     let answers = replies_to(&replies, &command);
     assert_eq!(answers.len(), 2, "{replies:?}");
     assert!(body(answers[0]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
     assert!(body(answers[1]).starts_with("clawdbot is up: 1/1 ready after"), "{replies:?}");
-    assert_eq!(s.scale_patches(), 1);
+    assert_eq!(s.scale_patches().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_errors_for_a_while_are_retried_and_the_user_is_told_it_is_slow() {
     let s = stack(&[("SLOW_NOTICE_SECS", "1")]).await;
-    let (alice, room) = s.alice_in_dm().await;
+    let (alice, room) = alice_in_dm(&s).await;
     for status in [503, 500, 429, 503] {
         s.api.inject_fault(Fault::new(status, 1).on_method("PATCH"));
     }
@@ -157,9 +120,9 @@ async fn kubernetes_errors_for_a_while_are_retried_and_the_user_is_told_it_is_sl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_kubernetes_api_gets_a_clear_reply() {
     let s = stack(&[("SLOW_NOTICE_SECS", "60")]).await;
-    let (alice, room) = s.alice_in_dm().await;
-    // NB: `_dir` first, so it is dropped last.
-    let Stack { _dir, synapse: _synapse, bridge: _bridge, api } = s;
+    let (alice, room) = alice_in_dm(&s).await;
+    // NB: the directory first, so it is dropped last.
+    let Stack { dir: _dir, synapse: _synapse, bridge: _bridge, api, .. } = s;
     api.shutdown().await;
     alice.send_text(&room, "stop").await;
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
@@ -171,7 +134,7 @@ async fn an_unreachable_kubernetes_api_gets_a_clear_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_queued_while_we_were_down_are_handled_in_order_and_old_ones_are_not_run() {
     let mut s = stack(&[("COMMAND_MAX_AGE_SECS", "3")]).await;
-    let (alice, room) = s.alice_in_dm().await;
+    let (alice, room) = alice_in_dm(&s).await;
     assert!(s.bridge.terminate().success());
     let old = alice.send_text(&room, "start").await;
     // NB: makes the command older than COMMAND_MAX_AGE_SECS (the homeserver's clock, not ours).
@@ -185,13 +148,13 @@ async fn commands_queued_while_we_were_down_are_handled_in_order_and_old_ones_ar
     assert!(body(&replies[0]).contains("s ago (commands older than 3 s are not run)"), "{replies:?}");
     assert_eq!(replies[1]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], fresh.as_str(), "{replies:?}");
     assert!(body(&replies[1]).starts_with("clawdbot is off"), "{replies:?}");
-    assert_eq!(s.scale_patches(), 0);
+    assert_eq!(s.scale_patches().len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_waited_behind_a_slow_one_past_the_maximum_age_is_not_run() {
     let s = stack(&[("COMMAND_MAX_AGE_SECS", "3"), ("SLOW_NOTICE_SECS", "60")]).await;
-    let (alice, room) = s.alice_in_dm().await;
+    let (alice, room) = alice_in_dm(&s).await;
     s.api.set_latency(Duration::from_secs(3));
     let slow = alice.send_text(&room, "start").await;
     let waiting = alice.send_text(&room, "stop").await;
@@ -202,13 +165,16 @@ async fn a_command_that_waited_behind_a_slow_one_past_the_maximum_age_is_not_run
     let late = replies_to(&replies, &waiting);
     assert_eq!(late.len(), 1, "{replies:?}");
     assert!(body(late[0]).starts_with("not run: sent "), "{replies:?}");
-    assert_eq!(s.scale_patches(), 1, "the late stop was run");
+    assert_eq!(s.scale_patches().len(), 1, "the late stop was run");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_encryption_unable_to_start_a_command_in_a_plain_room_is_still_answered() {
     // NB: the bridge reaches Synapse through a proxy that refuses to create its device.
-    let s = proxied::start(|proxy| proxy.refuse_paths_containing("/_matrix/client/v3/devices/", 500)).await;
+    let s = Stack::build()
+        .proxy_before_synapse(|proxy| proxy.refuse_paths_containing("/_matrix/client/v3/devices/", 500))
+        .start()
+        .await;
     let (synapse, bridge) = (&s.synapse, &s.bridge);
     let (id, token) = synapse.register("alice").await;
     let alice = User::new(&synapse.url, id, token);

@@ -12,10 +12,9 @@ use std::{
 
 use serde_json::{Value, json};
 use support::{
-    bridge::{BridgeSetup, tokens},
     client::{User, enc},
-    eventually, scratch_dir,
-    synapse::Synapse,
+    eventually,
+    stack::Stack,
 };
 use test_apiserver::TestApiServer;
 
@@ -45,22 +44,12 @@ fn noise(i: usize) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_transactions_lose_and_repeat_no_command_and_memory_stays_bounded() {
-    let dir = scratch_dir();
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", 1);
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let setup = BridgeSetup::new(dir.path())
-        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
-        .env("COMMANDS_PER_MINUTE", "0")
-        .env("RUST_LOG", "warn");
-    let synapse = Synapse::start(dir.path(), &setup.registration);
-    let (hs_token, _) = tokens(&setup.registration);
-    let bridge = setup.start(&synapse.url).await;
-    let (id, token) = synapse.register("alice").await;
-    let alice = User::new(&synapse.url, id, token);
-    let room = alice.create_room(&[BOT], false).await;
-    alice.wait_for_membership(&room, BOT, "join", Duration::from_secs(30)).await;
+    let stack = Stack::build().api(api).env("COMMANDS_PER_MINUTE", "0").env("RUST_LOG", "warn").start().await;
+    let (bridge, synapse, hs_token, api) = (&stack.bridge, &stack.synapse, stack.hs_token.clone(), &stack.api);
+    let alice = stack.user("alice").await;
+    let room = stack.dm(&alice).await;
 
     let http = reqwest::Client::new();
     let put = |txn: String, events: Vec<Value>| {

@@ -6,8 +6,8 @@ pub mod bridge;
 pub mod client;
 pub mod e2ee;
 pub mod oneshot;
-pub mod proxied;
 pub mod proxy;
+pub mod stack;
 pub mod synapse;
 
 use std::{
