@@ -1,5 +1,5 @@
 //! What the bot says, in one place, so the words can be read and changed together: refusals,
-//! `list` and `status` lines, rollout outcomes, durations.
+//! command answers, `list` and `status` lines, rollout outcomes, notices, durations.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use ruma::UserId;
 use crate::{
     commands::Permission,
     config::Target,
+    crypto::{Approval, CryptoError},
     policy::{Refusal, TrustRefusal},
     scaler::{State, WorkloadStatus},
 };
@@ -126,6 +127,106 @@ pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) ->
         (false, _) => format!("{} is still stopping after {secs} s: {} pods left", t.name, s.current),
     }
 }
+
+/// A command that waited too long (behind a backlog, or for its key) to be run safely.
+pub fn too_old(age: Duration, max_age: Duration) -> String {
+    format!("not run: sent {} ago (commands older than {} are not run)", human_duration(age), human_duration(max_age))
+}
+
+/// The echo of `ECHO_MODE`, as the old bot said it.
+pub fn echo(body: &str) -> String {
+    format!("🦞 {body}")
+}
+
+/// A sender over `COMMANDS_PER_MINUTE`.
+pub fn slow_down(per_minute: u32) -> String {
+    format!("Slow down: at most {per_minute} commands a minute. Try again shortly.")
+}
+
+/// A message to the bot that is no command.
+pub fn unknown_command(body: &str, help: &str) -> String {
+    format!("Unknown command: {}\n{help}", body.trim())
+}
+
+/// A command naming a target that is not configured.
+pub fn no_such_target(name: &str, targets: &[String]) -> String {
+    format!("There is no target `{name}`. Targets: {}", targets.join(", "))
+}
+
+/// A command that must name one of several targets.
+pub fn which_target(command: &str, targets: &[String]) -> String {
+    format!("Which one? `{command} <target>`. Targets: {}", targets.join(", "))
+}
+
+/// Kubernetes could not be configured at start-up, or a call failed: the error, marked.
+pub fn kubernetes_error(error: &dyn std::fmt::Display) -> String {
+    format!("⚠️ {error}")
+}
+
+/// `status` of one target failed.
+pub fn status_failed(t: &Target, error: &dyn std::fmt::Display) -> String {
+    format!("⚠️ {}: {error}", t.name)
+}
+
+/// `start <target> <replicas>` above the target's bound.
+pub fn too_many_replicas(t: &Target) -> String {
+    format!("{} allows at most {} replicas.", t.name, t.max_replicas)
+}
+
+/// A start that scaled the workload up.
+pub fn starting(t: &Target, from: i32, to: i32) -> String {
+    format!("{} is starting: {from} → {to} replicas.", t.name)
+}
+
+/// A start of a workload that is on already.
+pub fn already_on(t: &Target, replicas: i32) -> String {
+    format!("{} is already on ({replicas} replicas).", t.name)
+}
+
+/// A stop that scaled the workload to zero.
+pub fn stopping(t: &Target, from: i32) -> String {
+    format!("{} is stopping: {from} → 0 replicas (`start` brings back {from}).", t.name)
+}
+
+/// A stop of a workload that is off already.
+pub fn already_off(t: &Target) -> String {
+    format!("{} is already off.", t.name)
+}
+
+/// A start or stop (`verb`) that failed.
+pub fn could_not(verb: &str, t: &Target, error: &dyn std::fmt::Display) -> String {
+    format!("⚠️ Could not {verb} {}: {error}", t.name)
+}
+
+/// Said while a Kubernetes call takes longer than `SLOW_NOTICE_SECS`.
+pub const STILL_TRYING: &str = "Kubernetes is slow to answer; still trying…";
+
+/// A rollout that could not be followed.
+pub fn could_not_follow(t: &Target, error: &dyn std::fmt::Display) -> String {
+    format!("⚠️ Could not follow {}: {error}", t.name)
+}
+
+/// To an allowed sender whose message could not be decrypted.
+pub fn undecryptable(sender: &UserId) -> String {
+    format!(
+        "{sender}: I could not decrypt your message. This can happen when your client did not share its key with me (for example while I was restarting). Please send your command again."
+    )
+}
+
+/// How an `approve` of `user`'s identity, quoting `quoted`, ended.
+pub fn approval(user: &UserId, quoted: &str, outcome: &Result<Approval, CryptoError>) -> String {
+    match outcome {
+        Ok(Approval::Approved) => format!("Approved {user}'s new encryption identity; their commands work again."),
+        Ok(Approval::NothingToApprove) => format!("{user} has no changed identity to approve."),
+        Ok(Approval::KeyMismatch { key }) => format!(
+            "Not approved: {quoted} is not the start of {user}'s new identity key, which is {key}. Check it with them again."
+        ),
+        Err(e) => format!("⚠️ Could not approve {user}: {e}"),
+    }
+}
+
+/// `approve` before encryption is set up.
+pub const ENCRYPTION_NOT_READY: &str = "Encryption is still being set up; try again in a moment.";
 
 #[cfg(test)]
 mod tests {

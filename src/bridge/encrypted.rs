@@ -111,9 +111,7 @@ impl<H: Homeserver> Bridge<H> {
         if !policy::is_known(&self.config, sender) {
             return Ok(());
         }
-        let reply = Reply::text(format!(
-            "{sender}: I could not decrypt your message. This can happen when your client did not share its key with me (for example while I was restarting). Please send your command again."
-        ));
+        let reply = Reply::text(replies::undecryptable(sender));
         self.send_notice(room, Some(event_id), &reply, &txn_id("utd", event_id)).await
     }
 

@@ -65,15 +65,11 @@ impl<H: Homeserver> Bridge<H> {
         let sent_ms = i64::from(message.origin_server_ts.0);
         let reply = too_old(self.clock.now_ms(), sent_ms, self.config.command_max_age).map(|age| {
             tracing::info!(event_id = %message.event_id, age_ms = age.as_millis() as u64, "not running an old command");
-            Reply::text(format!(
-                "not run: sent {} ago (commands older than {} are not run)",
-                human_duration(age),
-                human_duration(self.config.command_max_age)
-            ))
+            Reply::text(replies::too_old(age, self.config.command_max_age))
         });
 
         if self.config.echo_mode {
-            self.send_notice(room, None, &Reply::text(format!("🦞 {}", text.body)), &txn_id("echo", &message.event_id))
+            self.send_notice(room, None, &Reply::text(replies::echo(&text.body)), &txn_id("echo", &message.event_id))
                 .await?;
         }
 
@@ -92,13 +88,7 @@ impl<H: Homeserver> Bridge<H> {
                     }
                     (Ok(_), Parsed::Command(_)) if limited => {
                         self.metrics.error("rate_limited");
-                        (
-                            Some(format!(
-                                "Slow down: at most {} commands a minute. Try again shortly.",
-                                self.limiter.per_minute()
-                            )),
-                            None,
-                        )
+                        (Some(replies::slow_down(self.limiter.per_minute())), None)
                     }
                     (Ok(authorized), Parsed::Command(cmd)) => match resolution {
                         Some(Err(why)) => (Some(why), None),
@@ -106,14 +96,9 @@ impl<H: Homeserver> Bridge<H> {
                         _ => self.execute(cmd, message, authorized.targets, job).await,
                     },
                     (Ok(_), Parsed::Invalid(why)) => (Some(why.clone()), None),
-                    (Ok(_), Parsed::NotACommand) => (
-                        Some(format!(
-                            "Unknown command: {}\n{}",
-                            text.body.trim(),
-                            commands::help_text(&self.target_names())
-                        )),
-                        None,
-                    ),
+                    (Ok(_), Parsed::NotACommand) => {
+                        (Some(replies::unknown_command(&text.body, &commands::help_text(&self.target_names()))), None)
+                    }
                 };
                 let Some(reply) = reply else { return Ok(()) };
                 let rollout = follow_up.map(|f| Rollout {
@@ -221,11 +206,11 @@ impl<H: Homeserver> Bridge<H> {
             Some(name) => match self.config.target(name) {
                 Some(t) => Ok(Some(vec![t])),
                 None if !to_bot => Ok(None),
-                None => Err(format!("There is no target `{name}`. Targets: {}", self.target_names().join(", "))),
+                None => Err(replies::no_such_target(name, &self.target_names())),
             },
             None if matches!(cmd, Command::Status { .. }) => Ok(Some(self.config.targets.iter().collect())),
             None if self.config.targets.len() == 1 => Ok(Some(vec![&self.config.targets[0]])),
-            None => Err(format!("Which one? `{} <target>`. Targets: {}", cmd.name(), self.target_names().join(", "))),
+            None => Err(replies::which_target(cmd.name(), &self.target_names())),
         }
     }
 
@@ -254,7 +239,7 @@ impl<H: Homeserver> Bridge<H> {
         };
         let scaler = match &self.scaler {
             Ok(s) => s,
-            Err(e) => return (Some(format!("⚠️ {e}")), None),
+            Err(e) => return (Some(replies::kubernetes_error(e)), None),
         };
         match cmd {
             Command::Status { .. } => {
@@ -262,7 +247,7 @@ impl<H: Homeserver> Bridge<H> {
                 for t in targets {
                     lines.push(match scaler.status(t).await {
                         Ok(s) => status_line(t, &s),
-                        Err(e) => format!("⚠️ {}: {e}", t.name),
+                        Err(e) => replies::status_failed(t, &e),
                     });
                 }
                 (Some(lines.join("\n")), None)
@@ -271,7 +256,7 @@ impl<H: Homeserver> Bridge<H> {
                 if let Some(n) = replicas
                     && *n > first.max_replicas
                 {
-                    return (Some(format!("{} allows at most {} replicas.", first.name, first.max_replicas)), None);
+                    return (Some(replies::too_many_replicas(first)), None);
                 }
                 match self.patiently(message, scaler.start(first, *replicas, self.store.as_ref())).await {
                     Ok(Change::Scaled { from, to }) => {
@@ -279,17 +264,12 @@ impl<H: Homeserver> Bridge<H> {
                             .transaction_to_patch_seconds
                             .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                         tracing::info!(target = %first.name, from, to, "scaled up");
-                        (
-                            Some(format!("{} is starting: {from} → {to} replicas.", first.name)),
-                            Some(FollowUp { target: first.clone(), up: true }),
-                        )
+                        (Some(replies::starting(first, from, to)), Some(FollowUp { target: first.clone(), up: true }))
                     }
-                    Ok(Change::Unchanged { replicas }) => {
-                        (Some(format!("{} is already on ({replicas} replicas).", first.name)), None)
-                    }
+                    Ok(Change::Unchanged { replicas }) => (Some(replies::already_on(first, replicas)), None),
                     Err(e) => {
                         self.metrics.error("kubernetes");
-                        (Some(format!("⚠️ Could not start {}: {e}", first.name)), None)
+                        (Some(replies::could_not("start", first, &e)), None)
                     }
                 }
             }
@@ -297,15 +277,12 @@ impl<H: Homeserver> Bridge<H> {
                 Ok(Change::Scaled { from, .. }) => {
                     self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                     tracing::info!(target = %first.name, from, "scaled to zero");
-                    (
-                        Some(format!("{} is stopping: {from} → 0 replicas (`start` brings back {from}).", first.name)),
-                        Some(FollowUp { target: first.clone(), up: false }),
-                    )
+                    (Some(replies::stopping(first, from)), Some(FollowUp { target: first.clone(), up: false }))
                 }
-                Ok(Change::Unchanged { .. }) => (Some(format!("{} is already off.", first.name)), None),
+                Ok(Change::Unchanged { .. }) => (Some(replies::already_off(first)), None),
                 Err(e) => {
                     self.metrics.error("kubernetes");
-                    (Some(format!("⚠️ Could not stop {}: {e}", first.name)), None)
+                    (Some(replies::could_not("stop", first, &e)), None)
                 }
             },
             Command::List | Command::Help | Command::Approve { .. } => unreachable!("answered above"),
@@ -321,7 +298,7 @@ impl<H: Homeserver> Bridge<H> {
             done = &mut work => return done,
             _ = tokio::time::sleep(self.config.slow_notice) => {}
         }
-        let notice = Reply::text("Kubernetes is slow to answer; still trying…");
+        let notice = Reply::text(replies::STILL_TRYING);
         if let Err(e) = self
             .send_notice(&message.room_id, Some(&message.event_id), &notice, &txn_id("slow", &message.event_id))
             .await
@@ -335,22 +312,19 @@ impl<H: Homeserver> Bridge<H> {
     /// if `quoted` is the start of its key.
     pub(super) async fn approve(&self, approver: &UserId, user: &UserId, quoted: &str) -> String {
         let Some(crypto) = self.crypto.get() else {
-            return "Encryption is still being set up; try again in a moment.".into();
+            return replies::ENCRYPTION_NOT_READY.into();
         };
-        match crypto.approve_identity(user, quoted).await {
+        let outcome = crypto.approve_identity(user, quoted).await;
+        match &outcome {
             Ok(Approval::Approved) => {
-                tracing::info!(user = %user, approver = %approver, "approved a changed encryption identity");
-                format!("Approved {user}'s new encryption identity; their commands work again.")
+                tracing::info!(user = %user, approver = %approver, "approved a changed encryption identity")
             }
-            Ok(Approval::NothingToApprove) => format!("{user} has no changed identity to approve."),
-            Ok(Approval::KeyMismatch { key }) => {
-                tracing::warn!(user = %user, approver = %approver, "an approval quoted another key than the new identity's");
-                format!(
-                    "Not approved: {quoted} is not the start of {user}'s new identity key, which is {key}. Check it with them again."
-                )
+            Ok(Approval::KeyMismatch { .. }) => {
+                tracing::warn!(user = %user, approver = %approver, "an approval quoted another key than the new identity's")
             }
-            Err(e) => format!("⚠️ Could not approve {user}: {e}"),
+            Ok(Approval::NothingToApprove) | Err(_) => {}
         }
+        replies::approval(user, quoted, &outcome)
     }
 }
 

@@ -19,7 +19,7 @@ impl<H: Homeserver> Bridge<H> {
         tokio::spawn(async move {
             let text = match scaler.wait_until_settled(&target, timeout).await {
                 Ok(s) => outcome_line(&target, &s, rollout.up, elapsed_since_ms(rollout.started_ms)),
-                Err(e) => format!("⚠️ Could not follow {}: {e}", target.name),
+                Err(e) => replies::could_not_follow(&target, &e),
             };
             let reply = Reply::text(text);
             let txn = txn_id("outcome", &event_id);
