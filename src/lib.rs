@@ -5,6 +5,7 @@
 
 pub mod appservice;
 pub mod bridge;
+pub mod calendar;
 pub mod check;
 pub mod clock;
 pub mod commands;
