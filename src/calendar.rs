@@ -209,7 +209,7 @@ impl Switch {
 }
 
 /// A weekly schedule: when a target is switched on and off, in a time zone.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schedule {
     on: Vec<Moment>,
     off: Vec<Moment>,

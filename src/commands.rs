@@ -1,9 +1,11 @@
 //! Chat commands, pure: parse a message into a [`Command`], the help text, and the permission
 //! each command needs. Nothing here knows Matrix or Kubernetes.
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use ruma::{OwnedUserId, UserId};
+
+use crate::calendar::{self, LONGEST_TIMED_START, TimeOfDay};
 
 /// What a command needs the sender to be allowed to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,15 @@ pub enum Command {
         target: Option<String>,
         /// Explicit replica count.
         replicas: Option<i32>,
+        /// How long it stays on (`for 2h`, `until 18:00`); the target's `max_on` when absent.
+        on_for: Option<OnFor>,
+    },
+    /// Move a timed start's stop later.
+    Extend {
+        /// The target (the only one when absent).
+        target: Option<String>,
+        /// How much later.
+        by: Duration,
     },
     /// Scale a target to zero, remembering its replica count.
     Stop {
@@ -57,7 +68,10 @@ impl Command {
     /// The target the command names, if any.
     pub fn target(&self) -> Option<&str> {
         match self {
-            Command::Start { target, .. } | Command::Stop { target } | Command::Status { target } => target.as_deref(),
+            Command::Start { target, .. }
+            | Command::Extend { target, .. }
+            | Command::Stop { target }
+            | Command::Status { target } => target.as_deref(),
             Command::List | Command::Help | Command::Approve { .. } => None,
         }
     }
@@ -70,6 +84,7 @@ impl Command {
     fn spec(&self) -> &'static CommandSpec {
         let name = match self {
             Command::Start { .. } => "start",
+            Command::Extend { .. } => "extend",
             Command::Stop { .. } => "stop",
             Command::Status { .. } => "status",
             Command::Approve { .. } => "approve",
@@ -77,6 +92,30 @@ impl Command {
             Command::Help => "help",
         };
         COMMANDS.iter().find(|c| c.name == name).expect("every command has a spec")
+    }
+}
+
+/// How long a `start` keeps a target on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFor {
+    /// `for 2h`: this long from when the command runs.
+    For(Duration),
+    /// `until 18:00`, `until tomorrow 9:00`: until that time of day, in the configured zone.
+    Until {
+        /// The time of day.
+        at: TimeOfDay,
+        /// Tomorrow's, even if today's has not passed.
+        tomorrow: bool,
+    },
+}
+
+impl fmt::Display for OnFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OnFor::For(d) => write!(f, "for {}", calendar::duration_text(*d)),
+            OnFor::Until { at, tomorrow: true } => write!(f, "until tomorrow {at}"),
+            OnFor::Until { at, tomorrow: false } => write!(f, "until {at}"),
+        }
     }
 }
 
@@ -100,15 +139,22 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "start",
         aliases: &["on"],
-        args: "[target] [replicas]",
-        help: "scale up, to the replica count it had before it was stopped (1 if unknown)",
+        args: "[target] [replicas] [for 2h | until 18:00 | until tomorrow 9:00]",
+        help: "scale up, to the replica count it had before it was stopped (1 if unknown); with `for` or `until`, stop it again then",
+        permission: Permission::Operate,
+    },
+    CommandSpec {
+        name: "extend",
+        aliases: &[],
+        args: "[target] <duration>",
+        help: "keep a timed start on longer, e.g. `extend web 1h`",
         permission: Permission::Operate,
     },
     CommandSpec {
         name: "stop",
         aliases: &["off"],
         args: "[target]",
-        help: "scale to 0, remembering the replica count",
+        help: "scale to 0, remembering the replica count (and cancel a timed stop)",
         permission: Permission::Operate,
     },
     CommandSpec {
@@ -271,10 +317,13 @@ fn build(name: &str, args: &[&str]) -> Parsed {
     let too_many = |max: usize| args.len() > max;
     match name {
         "start" => {
-            if too_many(2) {
-                return Parsed::Invalid("usage: start [target] [replicas]".into());
+            let usage = "usage: start [target] [replicas] [for 2h | until 18:00]";
+            let split = args.iter().position(|w| *w == "for" || *w == "until").unwrap_or(args.len());
+            let (head, tail) = args.split_at(split);
+            if head.len() > 2 {
+                return Parsed::Invalid(usage.into());
             }
-            let (target, replicas) = match args {
+            let (target, replicas) = match head {
                 [] => (None, None),
                 [one] if one.chars().all(|c| c.is_ascii_digit() || c == '-') => (None, Some(*one)),
                 [one] => (Some(*one), None),
@@ -291,7 +340,30 @@ fn build(name: &str, args: &[&str]) -> Parsed {
                     return Parsed::Invalid("replicas must be a whole number, e.g. `start web 2`".into());
                 }
             };
-            Parsed::Command(Command::Start { target: target.map(str::to_owned), replicas })
+            let on_for = match tail {
+                [] => None,
+                ["for", d] => match timed_duration(d) {
+                    Ok(d) => Some(OnFor::For(d)),
+                    Err(why) => return Parsed::Invalid(why),
+                },
+                ["until", "tomorrow", t] | ["until", t] => match TimeOfDay::parse(t) {
+                    Ok(at) => Some(OnFor::Until { at, tomorrow: tail.len() == 3 }),
+                    Err(why) => return Parsed::Invalid(why),
+                },
+                _ => return Parsed::Invalid(usage.into()),
+            };
+            Parsed::Command(Command::Start { target: target.map(str::to_owned), replicas, on_for })
+        }
+        "extend" => {
+            let (target, by) = match args {
+                [d] => (None, d),
+                [t, d] => (Some(*t), d),
+                _ => return Parsed::Invalid("usage: extend [target] <duration>, e.g. `extend web 1h`".into()),
+            };
+            match timed_duration(by) {
+                Ok(by) => Parsed::Command(Command::Extend { target: target.map(str::to_owned), by }),
+                Err(why) => Parsed::Invalid(why),
+            }
         }
         "stop" | "status" => {
             if too_many(1) {
@@ -325,6 +397,18 @@ fn build(name: &str, args: &[&str]) -> Parsed {
     }
 }
 
+/// A duration for `start … for` or `extend`: at least a minute, at most [`LONGEST_TIMED_START`].
+fn timed_duration(text: &str) -> Result<Duration, String> {
+    let d = calendar::parse_duration(text)?;
+    if d > LONGEST_TIMED_START {
+        return Err(format!(
+            "{text} is longer than a timed start may last ({}); for longer, start it without `for`",
+            calendar::duration_text(LONGEST_TIMED_START)
+        ));
+    }
+    Ok(d)
+}
+
 /// The help text, listing commands (and targets when there are several).
 pub fn help_text(targets: &[String]) -> String {
     let mut out = String::from("Commands:\n");
@@ -348,6 +432,12 @@ impl fmt::Display for Command {
         }
         if let Command::Start { replicas: Some(n), .. } = self {
             write!(f, " {n}")?;
+        }
+        if let Command::Start { on_for: Some(on_for), .. } = self {
+            write!(f, " {on_for}")?;
+        }
+        if let Command::Extend { by, .. } = self {
+            write!(f, " {}", calendar::duration_text(*by))?;
         }
         if let Command::Approve { user, fingerprint } = self {
             write!(f, " {user} {fingerprint}")?;
@@ -383,12 +473,12 @@ mod tests {
     #[test]
     fn commands_parse_as_the_table_says() {
         let table: &[(&str, Parsed)] = &[
-            ("start", cmd(Command::Start { target: None, replicas: None })),
-            ("on", cmd(Command::Start { target: None, replicas: None })),
-            ("  START  ", cmd(Command::Start { target: None, replicas: None })),
-            ("Start 3", cmd(Command::Start { target: None, replicas: Some(3) })),
-            ("start web", cmd(Command::Start { target: Some("web".into()), replicas: None })),
-            ("start web 2", cmd(Command::Start { target: Some("web".into()), replicas: Some(2) })),
+            ("start", cmd(Command::Start { target: None, replicas: None, on_for: None })),
+            ("on", cmd(Command::Start { target: None, replicas: None, on_for: None })),
+            ("  START  ", cmd(Command::Start { target: None, replicas: None, on_for: None })),
+            ("Start 3", cmd(Command::Start { target: None, replicas: Some(3), on_for: None })),
+            ("start web", cmd(Command::Start { target: Some("web".into()), replicas: None, on_for: None })),
+            ("start web 2", cmd(Command::Start { target: Some("web".into()), replicas: Some(2), on_for: None })),
             ("stop", cmd(Command::Stop { target: None })),
             ("OFF", cmd(Command::Stop { target: None })),
             ("off\tdb", cmd(Command::Stop { target: Some("db".into()) })),
@@ -408,11 +498,58 @@ mod tests {
             ("hello there", Parsed::NotACommand),
             ("start 0", Parsed::Invalid("replicas must be at least 1; use `stop` to scale to 0".into())),
             ("start web lots", Parsed::Invalid("replicas must be a whole number, e.g. `start web 2`".into())),
-            ("start a b c", Parsed::Invalid("usage: start [target] [replicas]".into())),
+            ("start a b c", Parsed::Invalid("usage: start [target] [replicas] [for 2h | until 18:00]".into())),
             ("list all", Parsed::Invalid("`list` takes no arguments".into())),
+            ("start web for 2h", start_for("web", None, OnFor::For(Duration::from_secs(7200)))),
+            ("start web 3 for 1h30m", start_for("web", Some(3), OnFor::For(Duration::from_secs(5400)))),
+            (
+                "on for 30m",
+                cmd(Command::Start {
+                    target: None,
+                    replicas: None,
+                    on_for: Some(OnFor::For(Duration::from_secs(1800))),
+                }),
+            ),
+            ("start web until 18:00", start_for("web", None, until(18, 0, false))),
+            ("start web until tomorrow 9:00", start_for("web", None, until(9, 0, true))),
+            ("extend web 1h", cmd(Command::Extend { target: Some("web".into()), by: Duration::from_secs(3600) })),
+            ("extend 30m", cmd(Command::Extend { target: None, by: Duration::from_secs(1800) })),
         ];
         for (text, expected) in table {
             assert_eq!(&dm(text), expected, "{text:?}");
+        }
+    }
+
+    fn start_for(target: &str, replicas: Option<i32>, on_for: OnFor) -> Parsed {
+        cmd(Command::Start { target: Some(target.into()), replicas, on_for: Some(on_for) })
+    }
+
+    fn until(hour: i8, minute: i8, tomorrow: bool) -> OnFor {
+        OnFor::Until { at: TimeOfDay { hour, minute }, tomorrow }
+    }
+
+    #[test]
+    fn a_timed_start_that_is_no_time_too_long_or_at_no_clock_time_is_answered_not_guessed() {
+        let answer = |text: &str| match dm(text) {
+            Parsed::Invalid(why) => why,
+            other => panic!("{text:?} read as {other:?}"),
+        };
+        assert!(answer("start web for 0m").contains("no time at all"), "{}", answer("start web for 0m"));
+        assert!(answer("start web for 99999h").contains("longer than a timed start may last"));
+        assert!(answer("start web until 25:00").contains("not a time of day"));
+        assert!(answer("start web for").starts_with("usage: start"));
+        assert!(answer("start web for 2h 3h").starts_with("usage: start"));
+        assert!(answer("start web until noon").contains("HH:MM"));
+        assert!(answer("extend web").contains("not a duration"), "{}", answer("extend web"));
+        assert!(answer("extend").starts_with("usage: extend"));
+        assert!(answer("extend web 0m").contains("no time at all"));
+    }
+
+    #[test]
+    fn a_timed_start_prints_as_it_is_read() {
+        for text in ["start web 3 for 1h30m", "start until tomorrow 09:00", "start web until 18:00", "extend web 2h"] {
+            let Parsed::Command(c) = dm(text) else { panic!("{text}") };
+            assert_eq!(c.to_string(), text);
         }
     }
 
@@ -456,7 +593,7 @@ mod tests {
         for (text, command) in [
             ("stop", Command::Stop { target: None }),
             ("status", Command::Status { target: None }),
-            ("start web", Command::Start { target: Some("web".into()), replicas: None }),
+            ("start web", Command::Start { target: Some("web".into()), replicas: None, on_for: None }),
         ] {
             assert_eq!(group(text), Parsed::NotACommand, "{text:?}");
             assert_eq!(group_with_bare_commands(text), cmd(command.clone()), "{text:?}");
@@ -484,7 +621,7 @@ mod tests {
     fn zero_width_and_bidi_characters_are_ignored() {
         assert_eq!(dm("st\u{200B}op"), cmd(Command::Stop { target: None }));
         assert_eq!(dm("\u{202E}status\u{202C}"), cmd(Command::Status { target: None }));
-        assert_eq!(dm("\u{FEFF}on"), cmd(Command::Start { target: None, replicas: None }));
+        assert_eq!(dm("\u{FEFF}on"), cmd(Command::Start { target: None, replicas: None, on_for: None }));
     }
 
     #[test]
@@ -494,7 +631,7 @@ mod tests {
 
     #[test]
     fn each_command_declares_its_permission() {
-        assert_eq!(Command::Start { target: None, replicas: None }.permission(), Permission::Operate);
+        assert_eq!(Command::Start { target: None, replicas: None, on_for: None }.permission(), Permission::Operate);
         assert_eq!(Command::Stop { target: None }.permission(), Permission::Operate);
         assert_eq!(Command::Status { target: None }.permission(), Permission::Query);
         assert_eq!(Command::List.permission(), Permission::Query);

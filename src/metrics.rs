@@ -69,6 +69,8 @@ pub struct Metrics {
     pub transaction_to_reply_seconds: Histogram,
     /// Crypto events (decryption failures, retries, recoveries, OTK uploads, key shares), by kind.
     pub crypto: Family<KindLabel, Counter>,
+    /// Timers that ran (timed stops and their warnings, schedule switches), by action.
+    pub timers: Family<KindLabel, Counter>,
     /// Jobs waiting in the queue (set when metrics are read).
     pub queue_depth: Gauge,
     /// How long the oldest waiting job has waited, in seconds (set when metrics are read).
@@ -95,6 +97,7 @@ impl Metrics {
         let errors = Family::<KindLabel, Counter>::default();
         let commands = Family::<KindLabel, Counter>::default();
         let crypto = Family::<KindLabel, Counter>::default();
+        let timers = Family::<KindLabel, Counter>::default();
         let queue_depth = Gauge::default();
         let queue_oldest_job_age_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let transaction_seconds = Histogram::new(latency_buckets());
@@ -110,6 +113,11 @@ impl Metrics {
         registry.register("errors", "Errors, by kind", errors.clone());
         registry.register("commands", "Commands handled, by command", commands.clone());
         registry.register("crypto", "End-to-end encryption events, by kind", crypto.clone());
+        registry.register(
+            "timers",
+            "Timers that ran, by action: stop and warn (timed starts), on and off (schedules)",
+            timers.clone(),
+        );
         registry.register("queue_depth", "Jobs waiting in the work queue", queue_depth.clone());
         registry.register(
             "queue_oldest_job_age_seconds",
@@ -138,6 +146,7 @@ impl Metrics {
             transaction_to_patch_seconds,
             transaction_to_reply_seconds,
             crypto,
+            timers,
             queue_depth,
             queue_oldest_job_age_seconds,
         }

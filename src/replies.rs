@@ -6,6 +6,7 @@ use std::time::Duration;
 use ruma::UserId;
 
 use crate::{
+    calendar::Switch,
     commands::Permission,
     config::Target,
     crypto::{Approval, CryptoError},
@@ -173,14 +174,86 @@ pub fn too_many_replicas(t: &Target) -> String {
     format!("{} allows at most {} replicas.", t.name, t.max_replicas)
 }
 
-/// A start that scaled the workload up.
-pub fn starting(t: &Target, from: i32, to: i32) -> String {
-    format!("{} is starting: {from} → {to} replicas.", t.name)
+/// A start that scaled the workload up; `until` says when it stops again.
+pub fn starting(t: &Target, from: i32, to: i32, until: Option<&str>) -> String {
+    match until {
+        Some(until) => format!("{} is starting: {from} → {to} replicas, on {until}.", t.name),
+        None => format!("{} is starting: {from} → {to} replicas.", t.name),
+    }
 }
 
-/// A start of a workload that is on already.
-pub fn already_on(t: &Target, replicas: i32) -> String {
-    format!("{} is already on ({replicas} replicas).", t.name)
+/// A start of a workload that is on already; `until` says when it stops.
+pub fn already_on(t: &Target, replicas: i32, until: Option<&str>) -> String {
+    match until {
+        Some(until) => format!("{} is already on ({replicas} replicas), on {until}.", t.name),
+        None => format!("{} is already on ({replicas} replicas).", t.name),
+    }
+}
+
+/// When a timed start stops: `until 17:42 (in 2 h)`.
+pub fn until(stop_text: &str, left: Duration) -> String {
+    format!("until {stop_text} (in {})", human_duration(left))
+}
+
+/// A timed start cut to the target's `max_on`.
+pub fn capped(t: &Target, max_on: Duration) -> String {
+    format!(" {} stays on at most {} from a chat start (max_on).", t.name, crate::calendar::duration_text(max_on))
+}
+
+/// What the schedule does next, after a command overrode it.
+pub fn schedule_next(switch: Switch, at_text: &str) -> String {
+    match switch {
+        Switch::On => format!(" The schedule starts it again {at_text}."),
+        Switch::Off => format!(" The schedule stops it {at_text}."),
+    }
+}
+
+/// `extend` moved the stop.
+pub fn extended(t: &Target, until: &str) -> String {
+    format!("{} now stays on {until}.", t.name)
+}
+
+/// `extend` of a target that has no timed stop.
+pub fn no_timed_stop(t: &Target) -> String {
+    format!("{} has no timed stop; `start {} for 1h` sets one.", t.name, t.name)
+}
+
+/// The warning before a timed stop.
+pub fn stop_warning(t: &Target, stop_text: &str) -> String {
+    format!("{} turns off at {stop_text}; `extend {} 1h` keeps it on.", t.name, t.name)
+}
+
+/// A timed stop that ran; `from` is the count it had (None: already off, or unknown after a
+/// restart); `late` says how late.
+pub fn timed_stop(t: &Target, from: Option<i32>, late: &str) -> String {
+    match from {
+        Some(from) => {
+            format!("{} is stopping: its time is up ({from} → 0 replicas; `start` brings back {from}).{late}", t.name)
+        }
+        None => format!("{} is off: its time is up.{late}", t.name),
+    }
+}
+
+/// A switch by the schedule that changed the workload.
+pub fn scheduled(t: &Target, switch: Switch, from: i32, to: i32, next: &str, late: &str) -> String {
+    let verb = match switch {
+        Switch::On => "starting",
+        Switch::Off => "stopping",
+    };
+    format!("{} is {verb} on schedule: {from} → {to} replicas.{next}{late}", t.name)
+}
+
+/// How late a timer ran: nothing when on time.
+pub fn late(by: Duration, due_text: &str) -> String {
+    if by < Duration::from_secs(60) {
+        return String::new();
+    }
+    format!(" ({} late: I was not running at {due_text}.)", human_duration(by))
+}
+
+/// A timer whose scale failed; it is tried again.
+pub fn timer_failed(t: &Target, verb: &str, error: &dyn std::fmt::Display) -> String {
+    format!("⚠️ Could not {verb} {} on time: {error}. I try again every minute.", t.name)
 }
 
 /// A stop that scaled the workload to zero.

@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// The state directory or database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another bridge uses the state directory.
+    #[error(transparent)]
+    Lock(#[from] store::LockError),
     /// The crypto store could not be unlocked.
     #[error(transparent)]
     Crypto(#[from] crypto::CryptoError),
@@ -57,6 +60,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let started = std::time::Instant::now();
     let config = Arc::new(config);
     let store = Arc::new(Store::open(&config.state_dir)?);
+    // NB: held until the process ends: a second replica on this directory stops here, before it
+    // could run a command or a timer twice.
+    let _lock = store::StateLock::acquire(&config.state_dir)?;
     // NB: before serving: a wrong passphrase must stop start-up, not set the store aside.
     let unlocked = crypto::UnlockedStore::open(&config).await?;
     let metrics = Arc::new(Metrics::new());
@@ -116,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         work.clone(),
     ));
     let sweeper = tokio::spawn(sweep_undecryptable(bridge.clone(), stop_rx.clone()));
+    let timers = tokio::spawn(run_timers(bridge.clone(), stop_rx.clone()));
     let pruner = tokio::spawn(prune_state(store.clone(), stop_rx.clone()));
     let interrupted = bridge.interrupted_rollouts();
     let resume = {
@@ -141,6 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     probe.abort();
     encryption.abort();
     sweeper.abort();
+    timers.abort();
     pruner.abort();
     resume.abort();
     if tokio::time::timeout(DRAIN_TIMEOUT, worker).await.is_err() {
@@ -160,6 +168,35 @@ async fn sweep_undecryptable(bridge: Arc<Bridge>, mut stop: watch::Receiver<bool
         bridge.report_undecryptable(store::now_ms()).await;
     }
 }
+
+/// Plans the schedules, then runs each timer when it is due, until `stop`.
+async fn run_timers(bridge: Arc<Bridge>, mut stop: watch::Receiver<bool>) {
+    if let Err(e) = bridge.plan_schedules() {
+        tracing::warn!(error = %e, "could not plan the schedules; retrying at the next start");
+    }
+    loop {
+        bridge.run_due_timers().await;
+        let now = store::now_ms();
+        // NB: a timer still due after a run failed (the homeserver is down, say): try again soon,
+        // not in a tight loop.
+        let wait = match bridge.next_timer_due() {
+            Some(due) if due <= now => TIMER_RETRY,
+            Some(due) => Duration::from_millis((due - now) as u64).min(TIMER_IDLE),
+            None => TIMER_IDLE,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = bridge.timers_changed() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// How soon a timer that could not finish is tried again.
+const TIMER_RETRY: Duration = Duration::from_secs(5);
+
+/// How long the timer loop sleeps at most, so a changed clock is noticed.
+const TIMER_IDLE: Duration = Duration::from_secs(60);
 
 /// How often old transactions and handled jobs are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);

@@ -112,6 +112,9 @@ pub(super) struct Harness {
     pub(super) homeserver: Arc<FakeHomeserver>,
     pub(super) cluster: test_apiserver::Cluster,
     pub(super) clock: Arc<ManualClock>,
+    pub(super) store: Arc<Store>,
+    pub(super) metrics: Arc<Metrics>,
+    config: Arc<Config>,
     next_event: AtomicI64,
     _dir: tempfile::TempDir,
 }
@@ -132,6 +135,11 @@ pub(super) fn room(name: &str) -> OwnedRoomId {
 impl Harness {
     /// A bridge configured by the YAML `file` (targets `web` and `db` unless it names others).
     pub(super) fn new(file: &str) -> Self {
+        Self::at(file, now_ms())
+    }
+
+    /// The same, with the clock at `start_ms`.
+    pub(super) fn at(file: &str, start_ms: i64) -> Self {
         let config = Arc::new(crate::config::testing::config(file, &[]));
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
@@ -139,29 +147,16 @@ impl Harness {
         let cluster = test_apiserver::Cluster::new("token", test_apiserver::ControllerMode::default());
         cluster.add_deployment("apps", "web", 2);
         cluster.add_deployment("apps", "db", 2);
-        let api = tower::ServiceBuilder::new()
-            .map_request(|mut r: http::Request<kube::client::Body>| {
-                r.headers_mut().insert(http::header::AUTHORIZATION, http::HeaderValue::from_static("Bearer token"));
-                r
-            })
-            .service(test_apiserver::app(cluster.clone()));
-        let scaler = Scaler::new(
-            kube::Client::new(api, "default"),
-            RetryPolicy { attempts: 1, first_delay: Duration::from_millis(1) },
-        );
-        let clock = ManualClock::at(now_ms());
-        let crypto = Arc::new(CryptoCell::new(store.clone(), Arc::new(tokio::sync::Notify::new())));
-        let bridge = Bridge::new(
-            config,
-            homeserver.clone(),
-            store,
-            Arc::new(Metrics::default()),
-            Arc::new(Rooms::default()),
-            crypto,
-            Ok(scaler),
-        )
-        .with_clock(clock.clone());
-        Harness { bridge, homeserver, cluster, clock, next_event: AtomicI64::new(1), _dir: dir }
+        let clock = ManualClock::at(start_ms);
+        let metrics = Arc::new(Metrics::default());
+        let bridge = build(&config, &homeserver, &cluster, &store, &metrics, &clock);
+        Harness { bridge, homeserver, cluster, clock, store, metrics, config, next_event: AtomicI64::new(1), _dir: dir }
+    }
+
+    /// A new bridge on the same state, homeserver, cluster and clock: a restart.
+    pub(super) fn restart(&mut self) {
+        self.metrics = Arc::new(Metrics::default());
+        self.bridge = build(&self.config, &self.homeserver, &self.cluster, &self.store, &self.metrics, &self.clock);
     }
 
     /// The job of `event` (a room event without its id, which is added) as the queue holds it.
@@ -218,3 +213,34 @@ impl Harness {
 }
 
 use crate::clock::Clock;
+
+fn build(
+    config: &Arc<Config>,
+    homeserver: &Arc<FakeHomeserver>,
+    cluster: &test_apiserver::Cluster,
+    store: &Arc<Store>,
+    metrics: &Arc<Metrics>,
+    clock: &Arc<ManualClock>,
+) -> Bridge<FakeHomeserver> {
+    let api = tower::ServiceBuilder::new()
+        .map_request(|mut r: http::Request<kube::client::Body>| {
+            r.headers_mut().insert(http::header::AUTHORIZATION, http::HeaderValue::from_static("Bearer token"));
+            r
+        })
+        .service(test_apiserver::app(cluster.clone()));
+    let scaler = Scaler::new(
+        kube::Client::new(api, "default"),
+        RetryPolicy { attempts: 1, first_delay: Duration::from_millis(1) },
+    );
+    let crypto = Arc::new(CryptoCell::new(store.clone(), Arc::new(tokio::sync::Notify::new())));
+    Bridge::new(
+        config.clone(),
+        homeserver.clone(),
+        store.clone(),
+        metrics.clone(),
+        Arc::new(Rooms::default()),
+        crypto,
+        Ok(scaler),
+    )
+    .with_clock(clock.clone())
+}

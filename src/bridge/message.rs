@@ -200,7 +200,7 @@ impl<H: Homeserver> Bridge<H> {
         match cmd {
             Command::Help | Command::Approve { .. } => return Ok(Some(Vec::new())),
             Command::List => return Ok(Some(self.config.targets.iter().collect())),
-            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } => {}
+            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } | Command::Extend { .. } => {}
         }
         match cmd.target() {
             Some(name) => match self.config.target(name) {
@@ -226,66 +226,145 @@ impl<H: Homeserver> Bridge<H> {
         let sender = &message.sender;
         self.metrics.commands.get_or_create(&KindLabel { kind: cmd.name().into() }).inc();
         tracing::info!(command = %cmd, sender = %sender, "command");
-        match cmd {
-            Command::Help => return (Some(commands::help_text(&self.target_names())), None),
-            Command::List => return (Some(replies::list_text(&targets)), None),
-            Command::Approve { user, fingerprint } => {
-                return (Some(self.approve(sender, user, fingerprint).await), None);
-            }
-            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } => {}
-        }
-        let Some(first) = targets.first().copied() else {
-            return (Some(replies::refusal(&Refusal::Target { permission: cmd.permission() }, sender)), None);
+        let only = || {
+            targets
+                .first()
+                .copied()
+                .ok_or_else(|| replies::refusal(&Refusal::Target { permission: cmd.permission() }, sender))
         };
+        let answer = match cmd {
+            Command::Help => Ok((commands::help_text(&self.target_names()), None)),
+            Command::List => Ok((replies::list_text(&targets), None)),
+            Command::Approve { user, fingerprint } => Ok((self.approve(sender, user, fingerprint).await, None)),
+            Command::Status { .. } => match only() {
+                Ok(_) => Ok((self.status_of(&targets).await, None)),
+                Err(refusal) => Err(refusal),
+            },
+            Command::Start { replicas, on_for, .. } => match only() {
+                Ok(t) => Ok(self.start_target(t, *replicas, *on_for, message, job).await),
+                Err(refusal) => Err(refusal),
+            },
+            Command::Stop { .. } => match only() {
+                Ok(t) => Ok(self.stop_target(t, message, job).await),
+                Err(refusal) => Err(refusal),
+            },
+            Command::Extend { by, .. } => only().map(|t| (self.extend_target(t, *by, &message.room_id), None)),
+        };
+        match answer {
+            Ok((text, follow_up)) => (Some(text), follow_up),
+            Err(refusal) => (Some(refusal), None),
+        }
+    }
+
+    async fn status_of(&self, targets: &[&Target]) -> String {
         let scaler = match &self.scaler {
             Ok(s) => s,
-            Err(e) => return (Some(replies::kubernetes_error(e)), None),
+            Err(e) => return replies::kubernetes_error(e),
         };
-        match cmd {
-            Command::Status { .. } => {
-                let mut lines = Vec::new();
-                for t in targets {
-                    lines.push(match scaler.status(t).await {
-                        Ok(s) => status_line(t, &s),
-                        Err(e) => replies::status_failed(t, &e),
-                    });
-                }
-                (Some(lines.join("\n")), None)
+        let mut lines = Vec::new();
+        for t in targets {
+            let timers = self.timers_line(t).unwrap_or_else(|e| format!("; ⚠️ timers unreadable: {e}"));
+            lines.push(match scaler.status(t).await {
+                Ok(s) => format!("{}{timers}", status_line(t, &s)),
+                Err(e) => replies::status_failed(t, &e),
+            });
+        }
+        lines.join("\n")
+    }
+
+    async fn start_target(
+        &self,
+        t: &Target,
+        replicas: Option<i32>,
+        on_for: Option<OnFor>,
+        message: &OriginalRoomMessageEvent,
+        job: &Job,
+    ) -> (String, Option<FollowUp>) {
+        if replicas.is_some_and(|n| n > t.max_replicas) {
+            return (replies::too_many_replicas(t), None);
+        }
+        let scaler = match &self.scaler {
+            Ok(s) => s,
+            Err(e) => return (replies::kubernetes_error(e), None),
+        };
+        let change = match self.patiently(message, scaler.start(t, replicas, self.store.as_ref())).await {
+            Ok(change) => change,
+            Err(e) => {
+                self.metrics.error("kubernetes");
+                return (replies::could_not("start", t, &e), None);
             }
-            Command::Start { replicas, .. } => {
-                if let Some(n) = replicas
-                    && *n > first.max_replicas
-                {
-                    return (Some(replies::too_many_replicas(first)), None);
-                }
-                match self.patiently(message, scaler.start(first, *replicas, self.store.as_ref())).await {
-                    Ok(Change::Scaled { from, to }) => {
-                        self.metrics
-                            .transaction_to_patch_seconds
-                            .observe(elapsed_since_ms(job.received_ms).as_secs_f64());
-                        tracing::info!(target = %first.name, from, to, "scaled up");
-                        (Some(replies::starting(first, from, to)), Some(FollowUp { target: first.clone(), up: true }))
-                    }
-                    Ok(Change::Unchanged { replicas }) => (Some(replies::already_on(first, replicas)), None),
-                    Err(e) => {
-                        self.metrics.error("kubernetes");
-                        (Some(replies::could_not("start", first, &e)), None)
-                    }
-                }
-            }
-            Command::Stop { .. } => match self.patiently(message, scaler.stop(first, self.store.as_ref())).await {
-                Ok(Change::Scaled { from, .. }) => {
-                    self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
-                    tracing::info!(target = %first.name, from, "scaled to zero");
-                    (Some(replies::stopping(first, from)), Some(FollowUp { target: first.clone(), up: false }))
-                }
-                Ok(Change::Unchanged { .. }) => (Some(replies::already_off(first)), None),
-                Err(e) => {
-                    self.metrics.error("kubernetes");
-                    (Some(replies::could_not("stop", first, &e)), None)
-                }
+        };
+        let room = &message.room_id;
+        self.remember_room(t, room);
+        // NB: the stop is stored after the scale: if the bridge dies in between, the command
+        // runs again when it is redelivered, and stores it then.
+        let now = self.clock.now_ms();
+        let (until, capped) = match self.stop_time(t, on_for, now) {
+            Some((stop, capped)) => match self.set_timed_stop(t, stop, room) {
+                Ok(()) => (Some(self.until_text(stop)), capped),
+                Err(e) => return (format!("⚠️ {} is on, but its stop could not be stored: {e}", t.name), None),
             },
-            Command::List | Command::Help | Command::Approve { .. } => unreachable!("answered above"),
+            None => (self.store.timed_stop(&t.name).ok().flatten().map(|s| self.until_text(s.due_ms)), false),
+        };
+        let capped = match (capped, t.max_on) {
+            (true, Some(max_on)) => replies::capped(t, max_on),
+            _ => String::new(),
+        };
+        let next = self.schedule_after(t, Switch::On);
+        match change {
+            Change::Scaled { from, to } => {
+                self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+                tracing::info!(target = %t.name, from, to, "scaled up");
+                let text = format!("{}{capped}{next}", replies::starting(t, from, to, until.as_deref()));
+                (text, Some(FollowUp { target: t.clone(), up: true }))
+            }
+            Change::Unchanged { replicas } => {
+                (format!("{}{capped}{next}", replies::already_on(t, replicas, until.as_deref())), None)
+            }
+        }
+    }
+
+    async fn stop_target(
+        &self,
+        t: &Target,
+        message: &OriginalRoomMessageEvent,
+        job: &Job,
+    ) -> (String, Option<FollowUp>) {
+        let scaler = match &self.scaler {
+            Ok(s) => s,
+            Err(e) => return (replies::kubernetes_error(e), None),
+        };
+        let change = match self.patiently(message, scaler.stop(t, self.store.as_ref())).await {
+            Ok(change) => change,
+            Err(e) => {
+                self.metrics.error("kubernetes");
+                return (replies::could_not("stop", t, &e), None);
+            }
+        };
+        self.remember_room(t, &message.room_id);
+        if let Err(e) = self.store.cancel_timed_stop(&t.name) {
+            tracing::warn!(error = %e, "could not cancel a timed stop");
+        }
+        let next = self.schedule_after(t, Switch::Off);
+        match change {
+            Change::Scaled { from, .. } => {
+                self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+                tracing::info!(target = %t.name, from, "scaled to zero");
+                (format!("{}{next}", replies::stopping(t, from)), Some(FollowUp { target: t.clone(), up: false }))
+            }
+            Change::Unchanged { .. } => (format!("{}{next}", replies::already_off(t)), None),
+        }
+    }
+
+    fn extend_target(&self, t: &Target, by: Duration, room: &RoomId) -> String {
+        self.remember_room(t, room);
+        self.extend(t, by, room).unwrap_or_else(|e| format!("⚠️ Could not extend {}: {e}", t.name))
+    }
+
+    /// Remembers `room` as where `t` was last commanded, for the schedule's notices.
+    fn remember_room(&self, t: &Target, room: &RoomId) {
+        if let Err(e) = self.store.set_target_room(&t.name, room) {
+            tracing::warn!(error = %e, "could not remember the room of a command");
         }
     }
 

@@ -4,7 +4,7 @@
 //! Here: the job dispatch ([`JobHandler`]) and the parts every room uses. Each step lives in
 //! its own file: `message` (the command recipe), `encrypted` (decrypt, park, requeue, the
 //! "could not decrypt" notice), `membership` (invites, leaving, loading rooms), `rollouts`
-//! (follow, resume), `outbox` (sending) and `homeserver` (the [`Homeserver`] trait: every call
+//! (follow, resume), `timed` (timed starts, `extend`, warnings, schedules), `outbox` (sending) and `homeserver` (the [`Homeserver`] trait: every call
 //! the bridge makes to the homeserver, so `decisions` can test it with an in-memory fake). The
 //! words are in [`crate::replies`].
 //!
@@ -49,6 +49,9 @@ mod membership;
 mod message;
 mod outbox;
 mod rollouts;
+mod timed;
+#[cfg(test)]
+mod timed_decisions;
 
 pub use homeserver::Homeserver;
 use outbox::{Outbox, txn_id};
@@ -56,8 +59,9 @@ use outbox::{Outbox, txn_id};
 pub use crate::replies::{human_duration, outcome_line, status_line};
 
 use crate::{
+    calendar::Switch,
     clock::{SharedClock, SystemClock},
-    commands::{self, Addressed, BotNames, Command, Parsed},
+    commands::{self, Addressed, BotNames, Command, OnFor, Parsed},
     config::{BareCommands, Config, RefusalMode, Target},
     crypto::{Approval, CryptoCell, CryptoError, Decryption},
     matrix::{MatrixClient, MatrixError},
@@ -197,6 +201,7 @@ pub struct Bridge<H = MatrixClient> {
     limiter: RateLimiter,
     started: std::time::Instant,
     clock: SharedClock,
+    timers_changed: tokio::sync::Notify,
 }
 
 impl<H: Homeserver> Bridge<H> {
@@ -228,6 +233,7 @@ impl<H: Homeserver> Bridge<H> {
             limiter: RateLimiter::new(config_limit),
             started: std::time::Instant::now(),
             clock: Arc::new(SystemClock),
+            timers_changed: tokio::sync::Notify::new(),
         }
     }
 

@@ -17,7 +17,10 @@ use ruma::{OwnedServerName, OwnedUserId};
 use serde::Deserialize;
 use url::Url;
 
+use jiff::tz::TimeZone;
+
 use crate::{
+    calendar::{self, Schedule},
     policy::AllowList,
     registration::{Registration, RegistrationError},
     secret::Secret,
@@ -132,6 +135,12 @@ pub struct Target {
     pub allowed_users: Option<AllowList>,
     /// Who may see this target without operating it, instead of `VIEWERS` (None = `VIEWERS`).
     pub viewers: Option<AllowList>,
+    /// The longest a chat `start` keeps it on (None = no limit).
+    pub max_on: Option<Duration>,
+    /// How long before a timed stop the room is warned (None = no warning).
+    pub warn_before: Option<Duration>,
+    /// When it is switched on and off by itself.
+    pub schedule: Option<Schedule>,
 }
 
 impl Target {
@@ -146,7 +155,22 @@ impl Target {
             max_replicas: DEFAULT_MAX_REPLICAS,
             allowed_users: None,
             viewers: None,
+            max_on: None,
+            warn_before: Some(Duration::from_secs(600)),
+            schedule: None,
         }
+    }
+
+    /// The same target, kept on at most `max_on` by a chat `start`.
+    pub fn with_max_on(mut self, max_on: Duration) -> Self {
+        self.max_on = Some(max_on);
+        self
+    }
+
+    /// The same target, switched on and off by `schedule`.
+    pub fn with_schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = Some(schedule);
+        self
     }
 
     /// The same target, switching a workload of `kind`.
@@ -195,6 +219,9 @@ pub struct Config {
     pub rollout_timeout: Duration,
     /// How long an encrypted command waits for its room key before the sender is told.
     pub decryption_wait: Duration,
+    /// The time zone of times said in chat (`until 18:00`), of replies, and of schedules
+    /// that name none.
+    pub timezone: TimeZone,
     /// What to tell users who are not allowed.
     pub refusal: RefusalMode,
     /// Commands a user may send per minute (0 = no limit).
@@ -234,6 +261,7 @@ impl fmt::Debug for Config {
             .field("command_max_age", &self.command_max_age)
             .field("rollout_timeout", &self.rollout_timeout)
             .field("decryption_wait", &self.decryption_wait)
+            .field("timezone", &self.timezone)
             .field("refusal", &self.refusal)
             .field("commands_per_minute", &self.commands_per_minute)
             .field("leave_rooms_without_allowed_users", &self.leave_rooms_without_allowed_users)
@@ -259,6 +287,35 @@ struct RawTarget {
     max_replicas: Option<i32>,
     allowed_users: Option<Vec<String>>,
     viewers: Option<Vec<String>>,
+    max_on: Option<String>,
+    warn_before: Option<String>,
+    schedule: Option<RawSchedule>,
+}
+
+/// A target's schedule as written in the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    on: OneOrMany,
+    off: OneOrMany,
+    timezone: Option<String>,
+}
+
+/// One schedule entry, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 /// Default upper bound for `start <replicas>`.
@@ -283,7 +340,11 @@ fn read_file(path: Option<&Path>) -> Result<serde_yaml::Mapping, ConfigError> {
 
 /// The targets under the file key `targets`, checked: one-word unique names, a sane
 /// `max_replicas`, lists of users parsed as everywhere else.
-fn targets_from_file(value: &serde_yaml::Value) -> Result<Vec<Target>, ConfigError> {
+fn targets_from_file(
+    value: &serde_yaml::Value,
+    timezone: &TimeZone,
+    warn_before: Option<Duration>,
+) -> Result<Vec<Target>, ConfigError> {
     let list: Vec<RawTarget> =
         serde_yaml::from_value(value.clone()).map_err(|e| invalid(TARGETS_KEY, e.to_string()))?;
     let users = |name: &str, what: &str, list: Option<Vec<String>>| {
@@ -298,6 +359,12 @@ fn targets_from_file(value: &serde_yaml::Value) -> Result<Vec<Target>, ConfigErr
         if name.is_empty() || name.contains(char::is_whitespace) {
             return Err(invalid(TARGETS_KEY, format!("target name {:?} must be one word", t.name)));
         }
+        if name == "for" || name == "until" {
+            return Err(invalid(
+                TARGETS_KEY,
+                format!("target name {name:?} is a word of `start … for 2h | until 18:00`; choose another"),
+            ));
+        }
         if !seen.insert(name.clone()) {
             return Err(invalid(TARGETS_KEY, format!("target name {name:?} is used twice")));
         }
@@ -305,7 +372,36 @@ fn targets_from_file(value: &serde_yaml::Value) -> Result<Vec<Target>, ConfigErr
         if max_replicas < 1 {
             return Err(invalid(TARGETS_KEY, format!("{name}: max_replicas must be at least 1")));
         }
+        let duration = |what: &str, text: Option<String>| {
+            text.map(|d| calendar::parse_duration(&d))
+                .transpose()
+                .map_err(|m| invalid(TARGETS_KEY, format!("{name}: {what}: {m}")))
+        };
+        let max_on = duration("max_on", t.max_on)?;
+        let warn_before = match t.warn_before {
+            Some(w) => {
+                settings::parse_warning(&w).map_err(|m| invalid(TARGETS_KEY, format!("{name}: warn_before: {m}")))?
+            }
+            None => warn_before,
+        };
+        let schedule = match t.schedule {
+            Some(raw) => {
+                let tz = match &raw.timezone {
+                    Some(zone) => calendar::time_zone(zone)
+                        .map_err(|m| invalid(TARGETS_KEY, format!("{name}: schedule: timezone: {m}")))?,
+                    None => timezone.clone(),
+                };
+                Some(
+                    Schedule::new(&raw.on.into_vec(), &raw.off.into_vec(), tz)
+                        .map_err(|m| invalid(TARGETS_KEY, format!("{name}: schedule: {m}")))?,
+                )
+            }
+            None => None,
+        };
         out.push(Target {
+            max_on,
+            warn_before,
+            schedule,
             allowed_users: users(&name, "allowed_users", t.allowed_users)?,
             viewers: users(&name, "viewers", t.viewers)?,
             workload: t.workload.unwrap_or_else(|| name.clone()),
@@ -375,9 +471,15 @@ impl Config {
             ));
         }
 
+        let timezone = src.value(&TIMEZONE)?;
+        let warn_before = src.value(&WARN_BEFORE)?;
         let targets = match src.file_value(TARGETS_KEY) {
-            Some(list) if src.env("DEPLOYMENT_NAME").is_none() => targets_from_file(list)?,
-            _ => vec![Target::deployment(&src.value(&DEPLOYMENT_NAME)?, &src.value(&DEPLOYMENT_NAMESPACE)?)],
+            Some(list) if src.env("DEPLOYMENT_NAME").is_none() => targets_from_file(list, &timezone, warn_before)?,
+            _ => {
+                let mut target = Target::deployment(&src.value(&DEPLOYMENT_NAME)?, &src.value(&DEPLOYMENT_NAMESPACE)?);
+                target.warn_before = warn_before;
+                vec![target]
+            }
         };
 
         Ok(Config {
@@ -396,6 +498,7 @@ impl Config {
             command_max_age: src.value(&COMMAND_MAX_AGE)?,
             rollout_timeout: src.value(&ROLLOUT_TIMEOUT)?,
             decryption_wait: src.value(&DECRYPTION_WAIT)?,
+            timezone,
             refusal: src.value(&UNAUTHORIZED_REPLY)?,
             commands_per_minute: src.value(&COMMANDS_PER_MINUTE)?,
             leave_rooms_without_allowed_users: src.value(&LEAVE_ROOMS)?,
@@ -582,6 +685,41 @@ mod tests {
         assert_eq!(db.workload, "postgres");
         assert_eq!(db.max_replicas, DEFAULT_MAX_REPLICAS);
         assert!(db.allowed_users.is_some());
+    }
+
+    #[test]
+    fn a_target_reads_its_longest_start_warning_and_schedule_with_the_global_zone_by_default() {
+        let c = testing::config(
+            "allowed_users: ['@alice:example.org']\ntimezone: Europe/Berlin\nwarn_before: 5m\ntargets:\n  - name: web\n    max_on: 8h\n    schedule: {on: 'Mon-Fri 08:00', off: ['Mon-Fri 19:00', 'Sat 12:00']}\n  - name: db\n    warn_before: 'off'\n    schedule: {on: daily 07:00, off: daily 23:00, timezone: UTC}\n",
+            &[],
+        );
+        let (web, db) = (c.target("web").unwrap(), c.target("db").unwrap());
+        assert_eq!(web.max_on, Some(Duration::from_secs(8 * 3600)));
+        assert_eq!(web.warn_before, Some(Duration::from_secs(300)), "the global warn_before");
+        assert_eq!(db.warn_before, None);
+        assert_eq!(web.schedule.as_ref().unwrap().tz(), &calendar::time_zone("Europe/Berlin").unwrap());
+        assert_eq!(db.schedule.as_ref().unwrap().tz(), &TimeZone::UTC);
+        assert_eq!(c.timezone, calendar::time_zone("Europe/Berlin").unwrap());
+    }
+
+    #[test]
+    fn an_unknown_time_zone_or_a_bad_schedule_is_refused_at_start_naming_the_setting() {
+        let err = Fixture::new().with("TIMEZONE", "Mars/Olympus_Mons").load().unwrap_err().to_string();
+        assert!(err.starts_with("TIMEZONE:") && err.contains("IANA"), "{err}");
+        let f = Fixture::new();
+        let p = f.file(
+            "targets:\n  - name: web\n    schedule: {on: 'Mon 08:00', off: 'Mon 19:00', timezone: Europe/Atlantis}\n",
+        );
+        let err = Config::load(Some(&p), &f.env).unwrap_err().to_string();
+        assert!(err.starts_with("targets: web: schedule: timezone:") && err.contains("Europe/Atlantis"), "{err}");
+        let p = f.file("targets:\n  - name: web\n    schedule: {on: 'Mon 08:00', off: 'Mon 25:00'}\n");
+        let err = Config::load(Some(&p), &f.env).unwrap_err().to_string();
+        assert!(err.starts_with("targets: web: schedule: off:"), "{err}");
+        let p = f.file("targets:\n  - name: web\n    max_on: 0m\n");
+        let err = Config::load(Some(&p), &f.env).unwrap_err().to_string();
+        assert!(err.starts_with("targets: web: max_on:"), "{err}");
+        let err = Fixture::new().with("WARN_BEFORE", "soon").load().unwrap_err().to_string();
+        assert!(err.starts_with("WARN_BEFORE:") && err.contains("or off"), "{err}");
     }
 
     #[test]

@@ -133,6 +133,11 @@ pub const BARE_COMMANDS: Setting<BareCommands> =
 /// `DECRYPTION_WAIT_SECS`.
 pub const DECRYPTION_WAIT: Setting<Duration> =
     setting("DECRYPTION_WAIT_SECS", "decryption_wait_secs", Is("30"), parse_secs);
+/// `TIMEZONE`.
+pub const TIMEZONE: Setting<jiff::tz::TimeZone> =
+    setting("TIMEZONE", "timezone", Is("UTC"), crate::calendar::time_zone);
+/// `WARN_BEFORE`.
+pub const WARN_BEFORE: Setting<Option<Duration>> = setting("WARN_BEFORE", "warn_before", Is("10m"), parse_warning);
 /// `CRYPTO_STORE_PASSPHRASE`: environment only, so it is never written into a file.
 pub const PASSPHRASE: Setting<String> = Setting {
     about: About {
@@ -178,6 +183,8 @@ pub const SETTINGS: &[About] = &[
     REQUIRE_ENCRYPTION.about,
     BARE_COMMANDS.about,
     DECRYPTION_WAIT.about,
+    TIMEZONE.about,
+    WARN_BEFORE.about,
     PASSPHRASE.about,
     PASSPHRASE_FILE.about,
     LOG_FILTER.about,
@@ -317,6 +324,14 @@ fn parse_count(v: &str) -> Result<u32, String> {
     v.trim().parse().map_err(|_| format!("{v:?} is not a whole number (0 = no limit)"))
 }
 
+/// How long before a timed stop the room is warned: a duration, or `off`.
+pub fn parse_warning(v: &str) -> Result<Option<Duration>, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "off" | "0" | "none" => Ok(None),
+        other => crate::calendar::parse_duration(other).map(Some).map_err(|m| format!("{m}, or off")),
+    }
+}
+
 fn parse_choice<T: for<'de> Deserialize<'de>>(v: &str, choices: &str) -> Result<T, String> {
     serde_yaml::from_str(&v.trim().to_ascii_lowercase()).map_err(|_| format!("{v:?} is not one of {choices}"))
 }
@@ -394,7 +409,9 @@ mod tests {
         assert_eq!(src.value(&LOG_FILTER).unwrap(), "info");
         assert_eq!(src.value(&LOG_FORMAT).unwrap(), LogFormat::Text);
         let with_value = SETTINGS.iter().filter(|a| matches!(a.fallback, Fallback::Value(_))).count();
-        assert_eq!(with_value, 18, "a new setting with a default: read it above");
+        assert_eq!(src.value(&TIMEZONE).unwrap(), jiff::tz::TimeZone::UTC);
+        assert_eq!(src.value(&WARN_BEFORE).unwrap(), Some(Duration::from_secs(600)));
+        assert_eq!(with_value, 20, "a new setting with a default: read it above");
     }
 
     #[test]

@@ -1,10 +1,18 @@
 //! Durable state in `STATE_DIR/state.sqlite3`: processed transaction ids, the event work queue,
-//! progress of each command, and small key-value facts (our device id).
+//! progress of each command, and small key-value facts (our device id). Timed stops and
+//! scheduled switches are in `timers`; the lock that keeps a second bridge off the directory
+//! in `lock`.
 
 use std::{
     path::Path,
     sync::{Mutex, MutexGuard},
 };
+
+mod lock;
+mod timers;
+
+pub use lock::{LockError, StateLock};
+pub use timers::{Timer, TimerAction, TimerStage};
 
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
 use rusqlite::{
@@ -242,6 +250,18 @@ CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS timers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    target TEXT NOT NULL,
+    action TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    room_id TEXT,
+    stage TEXT NOT NULL DEFAULT 'pending',
+    notice TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (target, action, due_ms)
+);
+CREATE INDEX IF NOT EXISTS timers_due ON timers(due_ms);
 ";
 
 /// Records how far a command has come: (event id, stage, reply).
