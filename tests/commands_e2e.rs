@@ -306,3 +306,34 @@ async fn a_reply_too_large_for_the_homeserver_is_sent_shortened() {
     assert!(text.ends_with("more characters left out: the message was too large)"), "{text}");
     assert!(text.len() < 8 * 1024, "{}", text.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_start_is_stopped_by_the_running_bridge_when_its_time_is_up() {
+    let s = stack(0).await;
+    let alice = s.user("alice").await;
+    let room = s.dm(&alice).await;
+    alice.send_text(&room, "start for 1m").await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    assert!(body(&replies[0]).starts_with("clawdbot is starting: 0 → 1 replicas, on until "), "{replies:?}");
+    // NB: the shortest timed start is a minute; its stop notice is the proof the timer ran.
+    let stopped = |m: &Value| body(m).starts_with("clawdbot is stopping: its time is up");
+    support::eventually(Duration::from_secs(120), "the timed stop", || async {
+        alice.messages_from(&room, BOT).await.iter().any(stopped).then_some(())
+    })
+    .await;
+    assert_eq!(s.api.replicas(WorkloadKind::Deployment, "clawdbot", "clawdbot").unwrap().0, 0);
+    assert_eq!(s.scale_patches().len(), 2, "one start, one stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_bridge_on_the_same_state_directory_stops_at_start_up_and_says_why() {
+    let s = stack(0).await;
+    let (status, output) = s.bridge.run_second_instance().await;
+    assert!(!status.success());
+    assert!(output.contains("is in use by another bridge"), "{output}");
+    let alice = s.user("alice").await;
+    let room = s.dm(&alice).await;
+    alice.send_text(&room, "status").await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    assert!(body(&replies[0]).starts_with("clawdbot is off"), "the first one still serves: {replies:?}");
+}

@@ -171,6 +171,22 @@ impl BridgeProcess {
         }
     }
 
+    /// Runs a second process with the same environment and state beside this one, until it
+    /// exits by itself (within 30 s); returns its exit status and what it printed.
+    pub async fn run_second_instance(&self) -> (std::process::ExitStatus, String) {
+        let env = self.env.clone();
+        let run = tokio::task::spawn_blocking(move || {
+            Command::new(bridge_binary()).arg("serve").env_clear().envs(&env).stdin(Stdio::null()).output()
+        });
+        let output = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the second bridge kept running; it should have stopped at start-up")
+            .unwrap()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status, text)
+    }
+
     /// Starts the process again with the same environment and state.
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "stop the bridge first");
