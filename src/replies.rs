@@ -243,6 +243,31 @@ pub fn scheduled(t: &Target, switch: Switch, from: i32, to: i32, next: &str, lat
     format!("{} is {verb} on schedule: {from} → {to} replicas.{next}{late}", t.name)
 }
 
+/// A start that scaled but whose stop could not be stored.
+pub fn stop_not_stored(t: &Target, error: &dyn std::fmt::Display) -> String {
+    format!("⚠️ {} is on, but its stop could not be stored: {error}. Stop it by hand when it is done.", t.name)
+}
+
+/// `extend` that failed.
+pub fn could_not_extend(t: &Target, error: &dyn std::fmt::Display) -> String {
+    format!("⚠️ Could not extend {}: {error}", t.name)
+}
+
+/// What `status` adds for a timed stop: `; on until 17:42 (in 2 h)`.
+pub fn status_until(until: &str) -> String {
+    format!("; on {until}")
+}
+
+/// What `status` adds for a schedule: `; the schedule switches it off 19:00`.
+pub fn status_schedule(switch: Switch, at_text: &str) -> String {
+    format!("; the schedule switches it {} {at_text}", switch.as_str())
+}
+
+/// What `status` adds when the timers could not be read.
+pub fn status_timers_unreadable(error: &dyn std::fmt::Display) -> String {
+    format!("; ⚠️ timers unreadable: {error}")
+}
+
 /// How late a timer ran: nothing when on time.
 pub fn late(by: Duration, due_text: &str) -> String {
     if by < Duration::from_secs(60) {

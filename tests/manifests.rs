@@ -39,7 +39,7 @@ const SECRET: &str = "matrix-k8s-toggle-secrets";
 const PLACEHOLDER: &str = "REPLACE_ME";
 /// The example registration, whose url Synapse uses to reach the Service.
 const EXAMPLE_REGISTRATION: &str = "registration/example-registration.yaml";
-/// Read by kube-rs, not by config.rs.
+/// Read by kube-rs, not by src/config/.
 const SETTINGS_OUTSIDE_CONFIG_RS: &[&str] = &["KUBECONFIG"];
 
 fn repo() -> &'static Path {
@@ -649,7 +649,7 @@ fn every_environment_variable_is_a_setting_the_bridge_reads() {
     for name in env.keys() {
         assert!(
             literals.contains(name) || SETTINGS_OUTSIDE_CONFIG_RS.contains(&name.as_str()),
-            "{name} is not a setting src/config.rs reads"
+            "{name} is not a setting src/config/ reads"
         );
     }
     for name in ["MATRIX_HOMESERVER", "MATRIX_SERVER_NAME", "ALLOWED_USERS", "DEPLOYMENT_NAME", "DEPLOYMENT_NAMESPACE"]
@@ -968,10 +968,13 @@ fn the_docker_build_context_holds_the_sources_and_keeps_out_build_output_and_git
 fn every_test_security_md_names_exists() {
     let security = read(&repo().join("SECURITY.md"));
     let mut sources = String::new();
-    for dir in ["src", "tests", "tests/support"] {
-        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+    let mut dirs = vec![repo().join("src"), repo().join("tests")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "rs") {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
                 sources.push_str(&read(&path));
             }
         }

@@ -263,7 +263,7 @@ impl<H: Homeserver> Bridge<H> {
         };
         let mut lines = Vec::new();
         for t in targets {
-            let timers = self.timers_line(t).unwrap_or_else(|e| format!("; ⚠️ timers unreadable: {e}"));
+            let timers = self.timers_line(t).unwrap_or_else(|e| replies::status_timers_unreadable(&e));
             lines.push(match scaler.status(t).await {
                 Ok(s) => format!("{}{timers}", status_line(t, &s)),
                 Err(e) => replies::status_failed(t, &e),
@@ -302,7 +302,7 @@ impl<H: Homeserver> Bridge<H> {
         let (until, capped) = match self.stop_time(t, on_for, now) {
             Some((stop, capped)) => match self.set_timed_stop(t, stop, room) {
                 Ok(()) => (Some(self.until_text(stop)), capped),
-                Err(e) => return (format!("⚠️ {} is on, but its stop could not be stored: {e}", t.name), None),
+                Err(e) => return (replies::stop_not_stored(t, &e), None),
             },
             None => (self.store.timed_stop(&t.name).ok().flatten().map(|s| self.until_text(s.due_ms)), false),
         };
@@ -358,7 +358,7 @@ impl<H: Homeserver> Bridge<H> {
 
     fn extend_target(&self, t: &Target, by: Duration, room: &RoomId) -> String {
         self.remember_room(t, room);
-        self.extend(t, by, room).unwrap_or_else(|e| format!("⚠️ Could not extend {}: {e}", t.name))
+        self.extend(t, by, room).unwrap_or_else(|e| replies::could_not_extend(t, &e))
     }
 
     /// Remembers `room` as where `t` was last commanded, for the schedule's notices.

@@ -63,12 +63,13 @@ impl<H: Homeserver> Bridge<H> {
     pub(super) fn timers_line(&self, t: &Target) -> Result<String, BridgeError> {
         let mut line = String::new();
         if let Some(stop) = self.store.timed_stop(&t.name)? {
-            line.push_str(&format!("; on {}", self.until_text(stop.due_ms)));
+            line.push_str(&replies::status_until(&self.until_text(stop.due_ms)));
         }
-        if let Some(next) = self.store.next_scheduled(&t.name)? {
+        if let Some(next) = self.store.next_scheduled(&t.name)?
+            && let Some(switch) = next.switch()
+        {
             let when = calendar::when_text(self.clock.now_ms(), next.due_ms, &self.config.timezone);
-            let switch = if next.action == TimerAction::On { "on" } else { "off" };
-            line.push_str(&format!("; the schedule switches it {switch} {when}"));
+            line.push_str(&replies::status_schedule(switch, &when));
         }
         Ok(line)
     }
