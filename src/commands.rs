@@ -45,6 +45,11 @@ pub enum Command {
         /// The target (all when absent).
         target: Option<String>,
     },
+    /// Show the last actions on one target, or on all.
+    History {
+        /// The target (all when absent).
+        target: Option<String>,
+    },
     /// Accept a user's changed encryption identity, naming the start of its key.
     Approve {
         /// The user whose identity to accept.
@@ -71,7 +76,8 @@ impl Command {
             Command::Start { target, .. }
             | Command::Extend { target, .. }
             | Command::Stop { target }
-            | Command::Status { target } => target.as_deref(),
+            | Command::Status { target }
+            | Command::History { target } => target.as_deref(),
             Command::List | Command::Help | Command::Approve { .. } => None,
         }
     }
@@ -87,6 +93,7 @@ impl Command {
             Command::Extend { .. } => "extend",
             Command::Stop { .. } => "stop",
             Command::Status { .. } => "status",
+            Command::History { .. } => "history",
             Command::Approve { .. } => "approve",
             Command::List => "list",
             Command::Help => "help",
@@ -162,6 +169,13 @@ pub const COMMANDS: &[CommandSpec] = &[
         aliases: &[],
         args: "[target]",
         help: "show state and replica counts (all targets when none is named)",
+        permission: Permission::Query,
+    },
+    CommandSpec {
+        name: "history",
+        aliases: &[],
+        args: "[target]",
+        help: "who started and stopped what, and when: the last 10 actions",
         permission: Permission::Query,
     },
     CommandSpec { name: "list", aliases: &[], args: "", help: "list the targets", permission: Permission::Query },
@@ -365,12 +379,16 @@ fn build(name: &str, args: &[&str]) -> Parsed {
                 Err(why) => Parsed::Invalid(why),
             }
         }
-        "stop" | "status" => {
+        "stop" | "status" | "history" => {
             if too_many(1) {
                 return Parsed::Invalid(format!("usage: {name} [target]"));
             }
             let target = args.first().map(|s| (*s).to_owned());
-            Parsed::Command(if name == "stop" { Command::Stop { target } } else { Command::Status { target } })
+            Parsed::Command(match name {
+                "stop" => Command::Stop { target },
+                "status" => Command::Status { target },
+                _ => Command::History { target },
+            })
         }
         "approve" => match args {
             [user, key @ ..] if user.starts_with('@') && user.contains(':') => {
@@ -514,6 +532,9 @@ mod tests {
             ("start web until tomorrow 9:00", start_for("web", None, until(9, 0, true))),
             ("extend web 1h", cmd(Command::Extend { target: Some("web".into()), by: Duration::from_secs(3600) })),
             ("extend 30m", cmd(Command::Extend { target: None, by: Duration::from_secs(1800) })),
+            ("history", cmd(Command::History { target: None })),
+            ("history web", cmd(Command::History { target: Some("web".into()) })),
+            ("history web db", Parsed::Invalid("usage: history [target]".into())),
         ];
         for (text, expected) in table {
             assert_eq!(&dm(text), expected, "{text:?}");

@@ -268,6 +268,27 @@ pub fn status_timers_unreadable(error: &dyn std::fmt::Display) -> String {
     format!("; ⚠️ timers unreadable: {error}")
 }
 
+/// The answer to `history`: one line per action, newest first, with times as `when` names them.
+pub fn history_text(actions: &[crate::store::Action], when: impl Fn(i64) -> String) -> String {
+    if actions.is_empty() {
+        return "Nothing done yet.".into();
+    }
+    let mut out = String::from("Last actions, newest first:");
+    for a in actions {
+        out.push_str(&format!("\n• {} {}: {} by {}: {}", when(a.at_ms), a.target, a.what, a.actor, a.outcome));
+    }
+    out
+}
+
+/// How a scale ended, for `history`.
+pub fn change_outcome(change: &Result<crate::scaler::Change, crate::scaler::ScaleError>) -> String {
+    match change {
+        Ok(crate::scaler::Change::Scaled { from, to }) => format!("{from} → {to} replicas"),
+        Ok(crate::scaler::Change::Unchanged { replicas }) => format!("no change ({replicas} replicas)"),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
 /// How late a timer ran: nothing when on time.
 pub fn late(by: Duration, due_text: &str) -> String {
     if by < Duration::from_secs(60) {

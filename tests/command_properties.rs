@@ -65,6 +65,7 @@ fn command() -> impl Strategy<Value = Command> {
         (option::of(target()), duration()).prop_map(|(target, by)| Command::Extend { target, by }),
         option::of(target()).prop_map(|target| Command::Stop { target }),
         option::of(target()).prop_map(|target| Command::Status { target }),
+        option::of(target()).prop_map(|target| Command::History { target }),
         Just(Command::List),
         Just(Command::Help),
         (user(), fingerprint())
@@ -88,7 +89,7 @@ fn fingerprint() -> impl Strategy<Value = String> {
 
 /// Text that looks like a command often enough to reach every branch of the parser.
 fn near_command() -> impl Strategy<Value = String> {
-    "(!toggle |toggle[:,]? |@toggle:example.org: |kubernetes toggle, )?(start|on|stop|off|status|list|help|approve|extend)( (-?[0-9]{1,11}|[a-z@:.]{1,8}|for|until|tomorrow|[0-9]{1,3}[dhm]|[0-9]{1,2}:[0-9]{2}|\\PC{1,4})){0,4}"
+    "(!toggle |toggle[:,]? |@toggle:example.org: |kubernetes toggle, )?(start|on|stop|off|status|list|help|approve|extend|history)( (-?[0-9]{1,11}|[a-z@:.]{1,8}|for|until|tomorrow|[0-9]{1,3}[dhm]|[0-9]{1,2}:[0-9]{2}|\\PC{1,4})){0,4}"
 }
 
 fn any_text() -> impl Strategy<Value = String> {

@@ -183,3 +183,28 @@ async fn the_bots_own_messages_are_never_read_as_commands() {
     assert_eq!(h.say(&dm, &bot, "stop web").await, Vec::<String>::new());
     assert_eq!(h.patches(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn history_lists_who_did_what_newest_first_for_the_targets_the_sender_may_see() {
+    let (h, dm) = dm("alice");
+    h.say(&dm, &user("alice"), "stop web").await;
+    h.say(&dm, &user("alice"), "start db 3").await;
+    h.say(&dm, &user("alice"), "stop db").await;
+    let said = h.say(&dm, &user("alice"), "history").await;
+    let lines: Vec<&str> = said[0].lines().collect();
+    assert_eq!(lines[0], "Last actions, newest first:");
+    assert!(lines[1].ends_with("db: stop db by @alice:example.org: 3 → 0 replicas"), "{said:?}");
+    assert!(lines[2].ends_with("db: start db 3 by @alice:example.org: 2 → 3 replicas"), "{said:?}");
+    assert!(lines[3].ends_with("web: stop web by @alice:example.org: 2 → 0 replicas"), "{said:?}");
+
+    let bob = room("bob");
+    h.homeserver.room(&bob, &[&user("bob")]);
+    let said = h.say(&bob, &user("bob"), "history").await;
+    assert_eq!(said[0].lines().count(), 2, "bob sees web only: {said:?}");
+    let vic = room("vic");
+    h.homeserver.room(&vic, &[&user("vic")]);
+    assert_eq!(h.say(&vic, &user("vic"), "history web").await[0].lines().count(), 2, "a viewer may look");
+    let eve = room("eve");
+    h.homeserver.room(&eve, &[&user("eve")]);
+    assert_eq!(h.say(&eve, &user("eve"), "history").await, Vec::<String>::new());
+}

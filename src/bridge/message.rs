@@ -200,7 +200,11 @@ impl<H: Homeserver> Bridge<H> {
         match cmd {
             Command::Help | Command::Approve { .. } => return Ok(Some(Vec::new())),
             Command::List => return Ok(Some(self.config.targets.iter().collect())),
-            Command::Start { .. } | Command::Stop { .. } | Command::Status { .. } | Command::Extend { .. } => {}
+            Command::Start { .. }
+            | Command::Stop { .. }
+            | Command::Status { .. }
+            | Command::History { .. }
+            | Command::Extend { .. } => {}
         }
         match cmd.target() {
             Some(name) => match self.config.target(name) {
@@ -208,7 +212,9 @@ impl<H: Homeserver> Bridge<H> {
                 None if !to_bot => Ok(None),
                 None => Err(replies::no_such_target(name, &self.target_names())),
             },
-            None if matches!(cmd, Command::Status { .. }) => Ok(Some(self.config.targets.iter().collect())),
+            None if matches!(cmd, Command::Status { .. } | Command::History { .. }) => {
+                Ok(Some(self.config.targets.iter().collect()))
+            }
             None if self.config.targets.len() == 1 => Ok(Some(vec![&self.config.targets[0]])),
             None => Err(replies::which_target(cmd.name(), &self.target_names())),
         }
@@ -240,12 +246,13 @@ impl<H: Homeserver> Bridge<H> {
                 Ok(_) => Ok((self.status_of(&targets).await, None)),
                 Err(refusal) => Err(refusal),
             },
+            Command::History { .. } => only().map(|_| (self.history_of(&targets), None)),
             Command::Start { replicas, on_for, .. } => match only() {
-                Ok(t) => Ok(self.start_target(t, *replicas, *on_for, message, job).await),
+                Ok(t) => Ok(self.start_target(t, cmd, *replicas, *on_for, message, job).await),
                 Err(refusal) => Err(refusal),
             },
             Command::Stop { .. } => match only() {
-                Ok(t) => Ok(self.stop_target(t, message, job).await),
+                Ok(t) => Ok(self.stop_target(t, cmd, message, job).await),
                 Err(refusal) => Err(refusal),
             },
             Command::Extend { by, .. } => only().map(|t| (self.extend_target(t, *by, &message.room_id), None)),
@@ -275,6 +282,7 @@ impl<H: Homeserver> Bridge<H> {
     async fn start_target(
         &self,
         t: &Target,
+        cmd: &Command,
         replicas: Option<i32>,
         on_for: Option<OnFor>,
         message: &OriginalRoomMessageEvent,
@@ -287,7 +295,9 @@ impl<H: Homeserver> Bridge<H> {
             Ok(s) => s,
             Err(e) => return (replies::kubernetes_error(e), None),
         };
-        let change = match self.patiently(message, scaler.start(t, replicas, self.store.as_ref())).await {
+        let result = self.patiently(message, scaler.start(t, replicas, self.store.as_ref())).await;
+        self.record_action(t, message.sender.as_str(), cmd.to_string(), &result);
+        let change = match result {
             Ok(change) => change,
             Err(e) => {
                 self.metrics.error("kubernetes");
@@ -327,6 +337,7 @@ impl<H: Homeserver> Bridge<H> {
     async fn stop_target(
         &self,
         t: &Target,
+        cmd: &Command,
         message: &OriginalRoomMessageEvent,
         job: &Job,
     ) -> (String, Option<FollowUp>) {
@@ -334,7 +345,9 @@ impl<H: Homeserver> Bridge<H> {
             Ok(s) => s,
             Err(e) => return (replies::kubernetes_error(e), None),
         };
-        let change = match self.patiently(message, scaler.stop(t, self.store.as_ref())).await {
+        let result = self.patiently(message, scaler.stop(t, self.store.as_ref())).await;
+        self.record_action(t, message.sender.as_str(), cmd.to_string(), &result);
+        let change = match result {
             Ok(change) => change,
             Err(e) => {
                 self.metrics.error("kubernetes");
@@ -359,6 +372,32 @@ impl<H: Homeserver> Bridge<H> {
     fn extend_target(&self, t: &Target, by: Duration, room: &RoomId) -> String {
         self.remember_room(t, room);
         self.extend(t, by, room).unwrap_or_else(|e| replies::could_not_extend(t, &e))
+    }
+
+    /// The answer to `history` for `targets`.
+    fn history_of(&self, targets: &[&Target]) -> String {
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        match self.store.history(&names, HISTORY_SHOWN) {
+            Ok(actions) => {
+                let now = self.clock.now_ms();
+                replies::history_text(&actions, |at| crate::calendar::when_text(now, at, &self.config.timezone))
+            }
+            Err(e) => replies::kubernetes_error(&e),
+        }
+    }
+
+    /// Writes down what was done to `t`, by whom, and how it ended, for `history`.
+    pub(super) fn record_action(&self, t: &Target, actor: &str, what: String, result: &Result<Change, ScaleError>) {
+        let action = crate::store::Action {
+            target: t.name.clone(),
+            at_ms: self.clock.now_ms(),
+            actor: actor.to_owned(),
+            what,
+            outcome: replies::change_outcome(result),
+        };
+        if let Err(e) = self.store.record_action(&action) {
+            tracing::warn!(error = %e, "could not record an action in the history");
+        }
     }
 
     /// Remembers `room` as where `t` was last commanded, for the schedule's notices.
@@ -406,6 +445,9 @@ impl<H: Homeserver> Bridge<H> {
         replies::approval(user, quoted, &outcome)
     }
 }
+
+/// How many actions `history` shows.
+const HISTORY_SHOWN: usize = 10;
 
 /// What to watch after a start or stop.
 pub(super) struct FollowUp {

@@ -220,6 +220,8 @@ impl<H: Homeserver> Bridge<H> {
             TimerAction::Stop | TimerAction::Off => ("stop", scaler.stop(t, memory).await),
             TimerAction::On => ("start", scaler.start(t, None, memory).await),
         };
+        let actor = if timer.action.is_scheduled() { "the schedule" } else { "a timed stop" };
+        self.record_action(t, actor, timer.action_name().to_owned(), &result);
         let change = match result {
             Ok(change) => change,
             Err(e) => {

@@ -211,6 +211,8 @@ async fn a_schedule_switches_on_and_off_and_a_command_overrides_it_until_its_nex
     assert_eq!(h.bridge.run_due_timers().await, 1, "Tuesday 08:00");
     assert_eq!(h.replicas("web"), 1);
     assert!(h.metrics.render().contains("matrix_k8s_toggle_timers_total{kind=\"on\"} 2"));
+    let history = h.say(&dm, &user("alice"), "history").await;
+    assert!(history[0].lines().nth(1).unwrap().ends_with("web: on by the schedule: 0 → 1 replicas"), "{history:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,6 +1,6 @@
 //! Durable state in `STATE_DIR/state.sqlite3`: processed transaction ids, the event work queue,
 //! progress of each command, and small key-value facts (our device id). Timed stops and
-//! scheduled switches are in `timers`; the lock that keeps a second bridge off the directory
+//! scheduled switches are in `timers`, what was done to each target in `history`; the lock that keeps a second bridge off the directory
 //! in `lock`.
 
 use std::{
@@ -8,9 +8,11 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
+mod history;
 mod lock;
 mod timers;
 
+pub use history::{Action, HISTORY_KEPT};
 pub use lock::{LockError, StateLock};
 pub use timers::{Timer, TimerAction, TimerStage};
 
@@ -262,6 +264,14 @@ CREATE TABLE IF NOT EXISTS timers (
     UNIQUE (target, action, due_ms)
 );
 CREATE INDEX IF NOT EXISTS timers_due ON timers(due_ms);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    target TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    what TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
 ";
 
 /// Records how far a command has come: (event id, stage, reply).
