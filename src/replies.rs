@@ -289,6 +289,20 @@ pub fn change_outcome(change: &Result<crate::scaler::Change, crate::scaler::Scal
     }
 }
 
+/// The note of the Kubernetes Event for a scale asked for in chat.
+pub fn audit_by(to: i32, sender: &UserId) -> String {
+    format!("Scaled to {to} by {sender} via Matrix")
+}
+
+/// The note of the Kubernetes Event for a scale by a timer.
+pub fn audit_by_timer(to: i32, scheduled: bool) -> String {
+    if scheduled {
+        format!("Scaled to {to} by the schedule in matrix-k8s-toggle's configuration")
+    } else {
+        format!("Scaled to {to}: the time of a timed start via Matrix was up")
+    }
+}
+
 /// How late a timer ran: nothing when on time.
 pub fn late(by: Duration, due_text: &str) -> String {
     if by < Duration::from_secs(60) {

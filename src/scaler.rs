@@ -7,12 +7,16 @@ use std::{future::Future, time::Duration};
 use futures_util::StreamExt;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
+    core::v1::ObjectReference,
     authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
 };
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
-    runtime::watcher,
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use serde_json::json;
 
@@ -236,6 +240,17 @@ pub fn permissions_needed(kind: WorkloadKind) -> [(&'static str, &'static str); 
     }
 }
 
+/// The one permission outside the workload's API group: `create` on events.k8s.io Events in
+/// its namespace, for the audit trail ([`Scaler::record`]). Event names are generated, so it
+/// cannot be narrowed to a name.
+pub const EVENT_PERMISSION: (&str, &str) = ("create", "events");
+
+/// The API group of [`EVENT_PERMISSION`].
+pub const EVENTS_GROUP: &str = "events.k8s.io";
+
+/// The reason of the Event recorded for a scale asked for in chat.
+pub const SCALED_BY_CHAT: &str = "ScaledByChat";
+
 fn plural(kind: WorkloadKind) -> &'static str {
     match kind {
         WorkloadKind::Deployment => "deployments",
@@ -371,6 +386,32 @@ impl Scaler {
         Ok(last)
     }
 
+    /// Records a Kubernetes Event on `t`'s workload (`reason`, `note`), so `kubectl describe`
+    /// shows who scaled it and how.
+    pub async fn record(&self, t: &Target, reason: &str, note: &str) -> Result<(), ScaleError> {
+        let object = self.object(t).await?;
+        let reference = ObjectReference {
+            api_version: Some("apps/v1".into()),
+            kind: Some(t.kind.to_string()),
+            name: Some(t.workload.clone()),
+            namespace: Some(t.namespace.clone()),
+            // NB: `kubectl describe` finds a workload's events by its uid.
+            uid: object.metadata.uid,
+            ..Default::default()
+        };
+        // NB: a recorder per event: kube's folds events of one reason within six minutes into a
+        // series that keeps the first note, which would hide who made the second scale.
+        let recorder = Recorder::new(self.client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+        let event = Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Scale".into(),
+            secondary: None,
+        };
+        recorder.publish(&event, &reference).await.map_err(|e| classify(e, t, EVENT_PERMISSION.0, EVENT_PERMISSION.1, 1))
+    }
+
     /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses.
     /// Returns (verb, resource, allowed) for each.
     pub async fn access_review(&self, t: &Target) -> Result<Vec<(&'static str, &'static str, bool)>, ScaleError> {
@@ -399,6 +440,23 @@ impl Scaler {
             let answer = self.retrying(t, "create", "", || api.create(&post, &review)).await?;
             out.push((verb, resource, answer.status.is_some_and(|s| s.allowed)));
         }
+        let (verb, resource) = EVENT_PERMISSION;
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(t.namespace.clone()),
+                    verb: Some(verb.into()),
+                    group: Some(EVENTS_GROUP.into()),
+                    resource: Some(resource.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let post = PostParams::default();
+        let answer = self.retrying(t, "create", "", || api.create(&post, &review)).await?;
+        out.push((verb, resource, answer.status.is_some_and(|s| s.allowed)));
         Ok(out)
     }
 }

@@ -208,3 +208,39 @@ async fn history_lists_who_did_what_newest_first_for_the_targets_the_sender_may_
     h.homeserver.room(&eve, &[&user("eve")]);
     assert_eq!(h.say(&eve, &user("eve"), "history").await, Vec::<String>::new());
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_scale_is_recorded_as_a_kubernetes_event_on_the_workload_naming_who() {
+    let (h, dm) = dm("alice");
+    h.say(&dm, &user("alice"), "stop web").await;
+    h.say(&dm, &user("alice"), "stop web").await;
+    let events = h.cluster.events();
+    assert_eq!(events.len(), 1, "none for the stop that changed nothing: {events:?}");
+    let e = &events[0];
+    assert_eq!((e["reason"].as_str(), e["type"].as_str()), (Some("ScaledByChat"), Some("Normal")));
+    assert_eq!(e["note"], "Scaled to 0 by @alice:example.org via Matrix");
+    assert_eq!(e["reportingController"], "matrix-k8s-toggle");
+    let web = h.cluster.object(test_apiserver::WorkloadKind::Deployment, "apps", "web").unwrap();
+    assert_eq!(e["regarding"]["uid"], web["metadata"]["uid"], "kubectl describe finds it by uid");
+    assert_eq!((e["regarding"]["kind"].as_str(), e["regarding"]["name"].as_str()), (Some("Deployment"), Some("web")));
+    h.say(&dm, &user("alice"), "start web").await;
+    assert_eq!(h.cluster.events()[1]["note"], "Scaled to 2 by @alice:example.org via Matrix");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scale_goes_ahead_when_its_event_cannot_be_recorded_and_the_failure_is_counted() {
+    let (h, dm) = dm("alice");
+    let rule = |verb: &str, resource: &str| test_apiserver::RbacRule::new(verb, resource, "apps");
+    h.cluster.set_rbac(Some(vec![
+        rule("get", "deployments/scale"),
+        rule("patch", "deployments/scale"),
+        rule("get", "deployments"),
+        rule("list", "deployments"),
+        rule("watch", "deployments"),
+    ]));
+    assert_eq!(h.say(&dm, &user("alice"), "stop web").await, ["web is stopping: 2 → 0 replicas (`start` brings back 2)."]);
+    assert_eq!(h.replicas("web"), 0);
+    assert!(h.cluster.events().is_empty());
+    let text = h.metrics.render();
+    assert!(text.contains("matrix_k8s_toggle_errors_total{kind=\"audit_event\"} 1"), "{text}");
+}

@@ -325,6 +325,7 @@ impl<H: Homeserver> Bridge<H> {
             Change::Scaled { from, to } => {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, to, "scaled up");
+                self.audit(t, SCALED_BY_CHAT, replies::audit_by(to, &message.sender)).await;
                 let text = format!("{}{capped}{next}", replies::starting(t, from, to, until.as_deref()));
                 (text, Some(FollowUp { target: t.clone(), up: true }))
             }
@@ -363,6 +364,7 @@ impl<H: Homeserver> Bridge<H> {
             Change::Scaled { from, .. } => {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, "scaled to zero");
+                self.audit(t, SCALED_BY_CHAT, replies::audit_by(0, &message.sender)).await;
                 (format!("{}{next}", replies::stopping(t, from)), Some(FollowUp { target: t.clone(), up: false }))
             }
             Change::Unchanged { .. } => (format!("{}{next}", replies::already_off(t)), None),
@@ -397,6 +399,16 @@ impl<H: Homeserver> Bridge<H> {
         };
         if let Err(e) = self.store.record_action(&action) {
             tracing::warn!(error = %e, "could not record an action in the history");
+        }
+    }
+
+    /// Records the scale of `t` as a Kubernetes Event; a failure is logged and counted, never
+    /// in the way of the command.
+    pub(super) async fn audit(&self, t: &Target, reason: &str, note: String) {
+        let Ok(scaler) = &self.scaler else { return };
+        if let Err(e) = scaler.record(t, reason, &note).await {
+            self.metrics.error("audit_event");
+            tracing::warn!(target = %t.name, error = %e, "could not record the scale as a Kubernetes Event");
         }
     }
 

@@ -69,7 +69,7 @@ use crate::{
     policy::{self, RateLimiter, Refusal, Request, TrustRefusal, Verified},
     replies,
     rooms::Rooms,
-    scaler::{Change, ScaleError, Scaler},
+    scaler::{Change, SCALED_BY_CHAT, ScaleError, Scaler},
     store::{Job, Parked, Progress, Rollout, Store, StoreError, now_ms},
     worker::{JobHandler, Outcome},
 };

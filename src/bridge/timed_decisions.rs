@@ -58,6 +58,7 @@ async fn a_timed_start_says_until_when_warns_before_and_stops_once_on_time() {
     h.clock.advance_ms(HOUR);
     assert_eq!(h.bridge.run_due_timers().await, 0);
     assert_eq!((h.homeserver.sent().len(), h.patches()), (sent, patches), "it ran once");
+    assert_eq!(h.cluster.events().last().unwrap()["reason"], "TimedStop");
     let text = h.metrics.render();
     assert!(text.contains("matrix_k8s_toggle_timers_total{kind=\"stop\"} 1"), "{text}");
     assert!(text.contains("matrix_k8s_toggle_timers_total{kind=\"warn\"} 1"), "{text}");

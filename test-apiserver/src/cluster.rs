@@ -141,6 +141,11 @@ impl Cluster {
         lock(&self.inner.requests).clear();
     }
 
+    /// Every events.k8s.io Event created so far, oldest first.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.store().recorded_events()
+    }
+
     /// `(spec.replicas, status.readyReplicas)` of a workload.
     pub fn replicas(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<(i32, i32)> {
         self.store().get(&Key::new(kind, namespace, name)).map(|o| (o.spec_replicas(), o.ready_replicas()))

@@ -13,7 +13,7 @@ use crate::admin;
 use crate::cluster::Cluster;
 use crate::patch::{self, PatchType};
 use crate::rbac::{self, Attributes};
-use crate::request::{ApiRequest, Discovery, Query, Target};
+use crate::request::{ApiRequest, Discovery, EVENTS, Query, Target};
 use crate::requests::RecordedRequest;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::Status;
@@ -132,6 +132,7 @@ fn serve(cluster: &Cluster, incoming: Incoming, rules: Option<Vec<rbac::RbacRule
             write_scale(cluster, &Key::new(*kind, namespace, name), &incoming)
         }
         (&Method::POST, Target::AccessReview) => access_review(rules.as_deref(), &incoming),
+        (&Method::POST, Target::Events { namespace }) => create_event(cluster, namespace, &incoming),
         (&Method::GET, Target::Discovery(document)) => Ok(discovery(*document)),
         (&Method::GET, Target::Health) => Ok("ok".into_response()),
         (_, Target::Unknown) => Err(Status::path_not_found()),
@@ -141,6 +142,29 @@ fn serve(cluster: &Cluster, incoming: Incoming, rules: Option<Vec<rbac::RbacRule
 
 fn not_found(key: &Key) -> Status {
     Status::not_found(key.kind.group_resource(), &key.name)
+}
+
+/// `POST .../events`: an events.k8s.io Event, named by the client, in the request's namespace.
+fn create_event(cluster: &Cluster, namespace: &str, incoming: &Incoming) -> Reply {
+    let event = body_value(incoming)?;
+    let name = event["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    if name.is_empty() {
+        return Err(Status::invalid_event("metadata.name: Required value: name or generateName is required"));
+    }
+    if let Some(other) = event["metadata"]["namespace"].as_str()
+        && other != namespace
+    {
+        return Err(Status::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ));
+    }
+    for field in ["reportingController", "reportingInstance", "action", "reason", "eventTime"] {
+        if event[field].as_str().is_none_or(str::is_empty) {
+            return Err(Status::invalid_event(&format!("{field}: Required value")));
+        }
+    }
+    let created = cluster.store().create_event(namespace, event).ok_or_else(|| Status::already_exists(EVENTS, &name))?;
+    Ok(json_response(StatusCode::CREATED, &created))
 }
 
 fn json_response(code: StatusCode, body: &impl Serialize) -> Response {

@@ -5,9 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::status::USER;
 
-/// One allowed combination in API group `apps`; `"*"` matches any verb, resource or namespace.
+/// One allowed combination in an API group (`apps` unless named); `"*"` matches any verb,
+/// resource or namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RbacRule {
+    /// The API group, e.g. `apps` or `events.k8s.io`.
+    #[serde(default = "apps")]
+    pub group: String,
     /// `get`, `list`, `watch`, `patch`, `update`, or `*`.
     pub verb: String,
     /// A resource with its subresource, e.g. `deployments/scale`, or `*`.
@@ -23,7 +27,19 @@ pub struct RbacRule {
 impl RbacRule {
     /// A rule for every object of `resource` in `namespace`.
     pub fn new(verb: &str, resource: &str, namespace: &str) -> Self {
-        Self { verb: verb.to_owned(), resource: resource.to_owned(), namespace: namespace.to_owned(), name: None }
+        Self {
+            group: "apps".to_owned(),
+            verb: verb.to_owned(),
+            resource: resource.to_owned(),
+            namespace: namespace.to_owned(),
+            name: None,
+        }
+    }
+
+    /// The same rule in API group `group`.
+    pub fn in_group(mut self, group: &str) -> Self {
+        self.group = group.to_owned();
+        self
     }
 
     /// The same rule limited to the object `name`.
@@ -35,11 +51,15 @@ impl RbacRule {
     fn allows(&self, request: &Attributes) -> bool {
         let any = |pattern: &str, value: &str| pattern == "*" || pattern == value;
         any(&self.verb, &request.verb)
-            && (self.resource == "*" || request.group == "apps")
+            && (self.resource == "*" || request.group == self.group)
             && any(&self.resource, &request.full_resource())
             && any(&self.namespace, &request.namespace)
             && self.name.as_ref().is_none_or(|n| !request.name.is_empty() && *n == request.name)
     }
+}
+
+fn apps() -> String {
+    "apps".to_owned()
 }
 
 /// What a resource request asks to do, as the authorizer sees it.

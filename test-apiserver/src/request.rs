@@ -6,6 +6,9 @@ use crate::selector::FieldSelector;
 use crate::status::{GroupResource, Refused};
 use crate::workload::WorkloadKind;
 
+/// events.k8s.io Events, the one kind outside `apps` the server stores.
+pub(crate) const EVENTS: GroupResource = GroupResource { group: "events.k8s.io", resource: "events" };
+
 /// What a path addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Target {
@@ -17,6 +20,8 @@ pub(crate) enum Target {
     Scale { kind: WorkloadKind, namespace: String, name: String },
     /// `/apis/authorization.k8s.io/v1/selfsubjectaccessreviews`
     AccessReview,
+    /// `/apis/events.k8s.io/v1/namespaces/{ns}/events`
+    Events { namespace: String },
     /// `/version`, `/api`, `/apis` and the served group versions.
     Discovery(Discovery),
     /// `/healthz`, `/livez`, `/readyz`.
@@ -114,6 +119,15 @@ impl ApiRequest {
             }
             Target::Object { kind, namespace, name } => (*kind, namespace.clone(), name.clone(), ""),
             Target::Scale { kind, namespace, name } => (*kind, namespace.clone(), name.clone(), "scale"),
+            Target::Events { namespace } => {
+                return Some(Attributes {
+                    verb: self.verb.to_owned(),
+                    group: EVENTS.group.to_owned(),
+                    resource: EVENTS.resource.to_owned(),
+                    namespace: namespace.clone(),
+                    ..Attributes::default()
+                });
+            }
             _ => return None,
         };
         Some(Attributes {
@@ -135,6 +149,7 @@ impl ApiRequest {
             Target::AccessReview => {
                 Some(GroupResource { group: "authorization.k8s.io", resource: "selfsubjectaccessreviews" })
             }
+            Target::Events { .. } => Some(EVENTS),
             _ => None,
         };
         Refused {
@@ -158,6 +173,9 @@ fn target(path: &str) -> Target {
         ["apis", "authorization.k8s.io", "v1"] => Target::Discovery(Discovery::AuthorizationV1),
         ["healthz" | "livez" | "readyz"] => Target::Health,
         ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] => Target::AccessReview,
+        ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"] if !ns.is_empty() => {
+            Target::Events { namespace: (*ns).to_owned() }
+        }
         ["apis", "apps", "v1", plural] => WorkloadKind::from_plural(plural)
             .map_or(Target::Unknown, |kind| Target::Collection { kind, namespace: None }),
         ["apis", "apps", "v1", "namespaces", ns, plural, rest @ ..] if !ns.is_empty() => {
@@ -205,6 +223,17 @@ mod tests {
         assert_eq!((attributes.verb.as_str(), attributes.name.as_str()), ("watch", "db"));
         assert_eq!(request.query.resource_version.as_deref(), Some("5"));
         assert_eq!(request.query.timeout_seconds, Some(10));
+    }
+
+    #[test]
+    fn creating_an_event_is_authorized_as_create_on_events_in_its_group() {
+        let request = ApiRequest::parse("POST", "/apis/events.k8s.io/v1/namespaces/bots/events", "");
+        let attributes = request.attributes().unwrap();
+        assert_eq!(
+            (attributes.verb.as_str(), attributes.group.as_str(), attributes.resource.as_str()),
+            ("create", "events.k8s.io", "events")
+        );
+        assert_eq!(attributes.namespace, "bots");
     }
 
     #[test]

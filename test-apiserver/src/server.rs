@@ -166,6 +166,11 @@ impl TestApiServer {
         self.cluster.clear_requests();
     }
 
+    /// Every events.k8s.io Event created so far, oldest first.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.cluster.events()
+    }
+
     /// `(spec.replicas, status.readyReplicas)` of a workload.
     pub fn replicas(&self, kind: WorkloadKind, namespace: &str, name: &str) -> Option<(i32, i32)> {
         self.cluster.replicas(kind, namespace, name)

@@ -162,6 +162,17 @@ impl Status {
         Self::failure(403, "Forbidden", message).with_details(resource.details(refused.name))
     }
 
+    /// 409 for a create whose name is taken.
+    pub(crate) fn already_exists(resource: GroupResource, name: &str) -> Self {
+        Self::failure(409, "AlreadyExists", format!("{} \"{name}\" already exists", resource.qualified()))
+            .with_details(resource.details(name))
+    }
+
+    /// 422 for an Event missing a required field.
+    pub(crate) fn invalid_event(cause: &str) -> Self {
+        Self::failure(422, "Invalid", format!("Event.events.k8s.io is invalid: {cause}"))
+    }
+
     /// 409 for a write that carried a stale `metadata.resourceVersion`.
     pub(crate) fn conflict(resource: GroupResource, name: &str) -> Self {
         Self::failure(

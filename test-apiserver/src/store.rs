@@ -114,6 +114,8 @@ pub(crate) struct Store {
     events: broadcast::Sender<Arc<Event>>,
     seed: u64,
     pub mode: ControllerMode,
+    /// events.k8s.io Events, as created.
+    recorded: Vec<Value>,
 }
 
 impl Store {
@@ -127,6 +129,7 @@ impl Store {
             events: broadcast::channel(1024).0,
             seed,
             mode,
+            recorded: Vec::new(),
         }
     }
 
@@ -153,6 +156,30 @@ impl Store {
             0x8000 | ((b >> 48) & 0x3fff),
             b & 0xffff_ffff_ffff
         )
+    }
+
+    /// Stores an Event created in `namespace`, with the metadata the server gives it; `None`
+    /// if one of that name exists.
+    pub(crate) fn create_event(&mut self, namespace: &str, mut event: Value) -> Option<Value> {
+        let name = event["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let taken = self.recorded.iter().any(|e| e["metadata"]["namespace"] == namespace && e["metadata"]["name"] == name);
+        if taken {
+            return None;
+        }
+        self.resource_version += 1;
+        let uid = self.next_uid();
+        let meta = &mut event["metadata"];
+        meta["namespace"] = namespace.into();
+        meta["uid"] = uid.into();
+        meta["resourceVersion"] = self.resource_version.to_string().into();
+        meta["creationTimestamp"] = now().to_string().into();
+        self.recorded.push(event.clone());
+        Some(event)
+    }
+
+    /// Every Event created so far, oldest first.
+    pub(crate) fn recorded_events(&self) -> Vec<Value> {
+        self.recorded.clone()
     }
 
     pub(crate) fn get(&self, key: &Key) -> Option<&Workload> {

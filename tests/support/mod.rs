@@ -80,9 +80,10 @@ pub fn deploy_role_rules() -> Vec<test_apiserver::RbacRule> {
     let namespace = role.metadata.namespace.expect("the Role has a namespace");
     let mut rules = Vec::new();
     for rule in role.rules.unwrap_or_default() {
+        let group = rule.api_groups.as_ref().and_then(|g| g.first()).cloned().unwrap_or_default();
         for verb in &rule.verbs {
             for resource in rule.resources.iter().flatten() {
-                let unnamed = test_apiserver::RbacRule::new(verb, resource, &namespace);
+                let unnamed = test_apiserver::RbacRule::new(verb, resource, &namespace).in_group(&group);
                 match &rule.resource_names {
                     Some(names) => rules.extend(names.iter().map(|n| unnamed.clone().named(n))),
                     None => rules.push(unnamed),

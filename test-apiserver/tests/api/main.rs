@@ -3,6 +3,7 @@
 mod admin;
 mod bodies;
 mod controller;
+mod events;
 mod faults;
 mod kube_client;
 mod rbac;
