@@ -7,8 +7,8 @@ use std::{future::Future, time::Duration};
 use futures_util::StreamExt;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
-    core::v1::ObjectReference,
     authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
+    core::v1::ObjectReference,
 };
 use kube::{
     Api, Client,
@@ -401,7 +401,8 @@ impl Scaler {
         };
         // NB: a recorder per event: kube's folds events of one reason within six minutes into a
         // series that keeps the first note, which would hide who made the second scale.
-        let recorder = Recorder::new(self.client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+        let recorder =
+            Recorder::new(self.client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
         let event = Event {
             type_: EventType::Normal,
             reason: reason.into(),
@@ -409,7 +410,10 @@ impl Scaler {
             action: "Scale".into(),
             secondary: None,
         };
-        recorder.publish(&event, &reference).await.map_err(|e| classify(e, t, EVENT_PERMISSION.0, EVENT_PERMISSION.1, 1))
+        recorder
+            .publish(&event, &reference)
+            .await
+            .map_err(|e| classify(e, t, EVENT_PERMISSION.0, EVENT_PERMISSION.1, 1))
     }
 
     /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses.

@@ -53,12 +53,14 @@ async fn the_role_in_deploy_passes_every_permission_check() {
     let api = TestApiServer::start().await.unwrap();
     api.add_deployment("clawdbot", "clawdbot", 1);
     let rules = deploy_role_rules();
-    assert!(rules.iter().all(|r| r.name.as_deref() == Some("clawdbot")), "every rule is named: {rules:?}");
+    let apps = rules.iter().filter(|r| r.group == "apps");
+    assert!(apps.clone().all(|r| r.name.as_deref() == Some("clawdbot")), "every workload rule is named: {rules:?}");
     api.set_rbac(Some(rules));
     let (ok, report) = run_check(&api, true).await;
     assert!(ok, "{report}");
     let permissions = line(&report, "permissions clawdbot");
     assert!(permissions.starts_with("ok") && permissions.contains("watch deployments"), "{report}");
+    assert!(permissions.contains("create events"), "the audit trail's permission is checked too: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

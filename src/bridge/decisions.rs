@@ -238,7 +238,10 @@ async fn a_scale_goes_ahead_when_its_event_cannot_be_recorded_and_the_failure_is
         rule("list", "deployments"),
         rule("watch", "deployments"),
     ]));
-    assert_eq!(h.say(&dm, &user("alice"), "stop web").await, ["web is stopping: 2 → 0 replicas (`start` brings back 2)."]);
+    assert_eq!(
+        h.say(&dm, &user("alice"), "stop web").await,
+        ["web is stopping: 2 → 0 replicas (`start` brings back 2)."]
+    );
     assert_eq!(h.replicas("web"), 0);
     assert!(h.cluster.events().is_empty());
     let text = h.metrics.render();

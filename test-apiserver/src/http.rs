@@ -163,7 +163,8 @@ fn create_event(cluster: &Cluster, namespace: &str, incoming: &Incoming) -> Repl
             return Err(Status::invalid_event(&format!("{field}: Required value")));
         }
     }
-    let created = cluster.store().create_event(namespace, event).ok_or_else(|| Status::already_exists(EVENTS, &name))?;
+    let created =
+        cluster.store().create_event(namespace, event).ok_or_else(|| Status::already_exists(EVENTS, &name))?;
     Ok(json_response(StatusCode::CREATED, &created))
 }
 

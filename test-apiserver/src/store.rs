@@ -162,7 +162,8 @@ impl Store {
     /// if one of that name exists.
     pub(crate) fn create_event(&mut self, namespace: &str, mut event: Value) -> Option<Value> {
         let name = event["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-        let taken = self.recorded.iter().any(|e| e["metadata"]["namespace"] == namespace && e["metadata"]["name"] == name);
+        let taken =
+            self.recorded.iter().any(|e| e["metadata"]["namespace"] == namespace && e["metadata"]["name"] == name);
         if taken {
             return None;
         }
