@@ -11,6 +11,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod crypto;
+pub mod drift;
 pub mod matrix;
 pub mod metrics;
 pub mod policy;

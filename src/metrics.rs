@@ -71,6 +71,8 @@ pub struct Metrics {
     pub crypto: Family<KindLabel, Counter>,
     /// Timers that ran (timed stops and their warnings, schedule switches), by action.
     pub timers: Family<KindLabel, Counter>,
+    /// Changes to a target's replicas that someone other than the bridge made.
+    pub drift: Counter,
     /// Jobs waiting in the queue (set when metrics are read).
     pub queue_depth: Gauge,
     /// How long the oldest waiting job has waited, in seconds (set when metrics are read).
@@ -98,6 +100,7 @@ impl Metrics {
         let commands = Family::<KindLabel, Counter>::default();
         let crypto = Family::<KindLabel, Counter>::default();
         let timers = Family::<KindLabel, Counter>::default();
+        let drift = Counter::default();
         let queue_depth = Gauge::default();
         let queue_oldest_job_age_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let transaction_seconds = Histogram::new(latency_buckets());
@@ -118,6 +121,7 @@ impl Metrics {
             "Timers that ran, by action: stop and warn (timed starts), on and off (schedules)",
             timers.clone(),
         );
+        registry.register("drift", "Changes to a target's replicas made by someone else", drift.clone());
         registry.register("queue_depth", "Jobs waiting in the work queue", queue_depth.clone());
         registry.register(
             "queue_oldest_job_age_seconds",
@@ -147,6 +151,7 @@ impl Metrics {
             transaction_to_reply_seconds,
             crypto,
             timers,
+            drift,
             queue_depth,
             queue_oldest_job_age_seconds,
         }

@@ -289,6 +289,13 @@ pub fn change_outcome(change: &Result<crate::scaler::Change, crate::scaler::Scal
     }
 }
 
+/// A change of `t`'s replicas that this bridge did not make.
+pub fn drift(t: &Target, d: &crate::drift::Drift, at: Option<&str>) -> String {
+    let who = d.manager.as_deref().unwrap_or("someone else");
+    let at = at.map(|a| format!(" at {a}")).unwrap_or_default();
+    format!("⚠️ {} was scaled {} → {} by {who}{at}, not by this bot.", t.name, d.from, d.to)
+}
+
 /// The note of the Kubernetes Event for a scale asked for in chat.
 pub fn audit_by(to: i32, sender: &UserId) -> String {
     format!("Scaled to {to} by {sender} via Matrix")

@@ -386,6 +386,13 @@ impl Scaler {
         Ok(last)
     }
 
+    /// Every look at `t`'s workload from now on, as a watch that reconnects by itself (with
+    /// backoff after errors).
+    pub fn watch(&self, t: &Target) -> impl futures_util::Stream<Item = Result<Option<DynamicObject>, watcher::Error>> + Send + use<> {
+        use kube::runtime::WatchStreamExt;
+        watcher::watch_object(self.api(t), &t.workload).default_backoff()
+    }
+
     /// Records a Kubernetes Event on `t`'s workload (`reason`, `note`), so `kubectl describe`
     /// shows who scaled it and how.
     pub async fn record(&self, t: &Target, reason: &str, note: &str) -> Result<(), ScaleError> {

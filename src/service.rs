@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         work.clone(),
     ));
     let sweeper = tokio::spawn(sweep_undecryptable(bridge.clone(), stop_rx.clone()));
+    let drift_watches = bridge.watch_for_drift();
     let timers = tokio::spawn(run_timers(bridge.clone(), stop_rx.clone()));
     let pruner = tokio::spawn(prune_state(store.clone(), stop_rx.clone()));
     let interrupted = bridge.interrupted_rollouts();
@@ -148,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     probe.abort();
     encryption.abort();
     sweeper.abort();
+    drift_watches.iter().for_each(|w| w.abort());
     timers.abort();
     pruner.abort();
     resume.abort();

@@ -337,3 +337,34 @@ async fn a_second_bridge_on_the_same_state_directory_stops_at_start_up_and_says_
     let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
     assert!(body(&replies[0]).starts_with("clawdbot is off"), "the first one still serves: {replies:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_by_another_controller_is_posted_naming_it_and_the_bridges_own_is_not() {
+    let s = stack(0).await;
+    let alice = s.user("alice").await;
+    let room = s.dm(&alice).await;
+    alice.send_text(&room, "start").await;
+    alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::from_yaml(&s.api.kubeconfig_yaml()).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(client, "clawdbot");
+    let params = kube::api::PatchParams { field_manager: Some("argocd-application-controller".into()), ..Default::default() };
+    api.patch_scale("clawdbot", &params, &kube::api::Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    let notice = |m: &Value| body(m).starts_with("⚠️ clawdbot was scaled 1 → 3 by argocd-application-controller");
+    support::eventually(WAIT, "the drift notice", || async {
+        alice.messages_from(&room, BOT).await.iter().any(notice).then_some(())
+    })
+    .await;
+    let marker = alice.send_text(&room, "status").await;
+    let replies = alice.wait_for_messages(&room, BOT, 4, WAIT).await;
+    assert!(replies.iter().any(|r| r["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == marker.as_str()));
+    let drift = replies.iter().filter(|m| body(m).starts_with("⚠️")).count();
+    assert_eq!(drift, 1, "one notice, none for the bridge's own start: {replies:?}");
+}

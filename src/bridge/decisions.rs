@@ -247,3 +247,41 @@ async fn a_scale_goes_ahead_when_its_event_cannot_be_recorded_and_the_failure_is
     let text = h.metrics.render();
     assert!(text.contains("matrix_k8s_toggle_errors_total{kind=\"audit_event\"} 1"), "{text}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_change_by_another_controller_is_noticed_once_naming_it_and_the_bridges_own_are_not() {
+    let (h, dm) = dm("alice");
+    h.say(&dm, &user("alice"), "stop web").await;
+    let t = h.bridge.config.target("web").unwrap().clone();
+    h.bridge.on_observed(&t, &h.object("web").await).await.unwrap();
+    let sent = h.homeserver.sent().len();
+    h.say(&dm, &user("alice"), "start web").await;
+    h.bridge.on_observed(&t, &h.object("web").await).await.unwrap();
+    assert_eq!(h.homeserver.sent().len(), sent + 1, "the start's reply, no drift notice");
+
+    h.scale_as("argocd-application-controller", "web", 5).await;
+    let seen = h.object("web").await;
+    h.bridge.on_observed(&t, &seen).await.unwrap();
+    h.bridge.on_observed(&t, &seen).await.unwrap();
+    let drift: Vec<String> = h.homeserver.sent().into_iter().filter(|m| m.starts_with("⚠️")).collect();
+    assert_eq!(drift.len(), 1, "once: {drift:?}");
+    assert!(drift[0].starts_with("⚠️ web was scaled 2 → 5 by argocd-application-controller at "), "{drift:?}");
+    assert!(drift[0].ends_with(", not by this bot."), "{drift:?}");
+    assert!(h.say(&dm, &user("alice"), "history web").await[0].contains("by argocd-application-controller: 2 → 5 replicas"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_made_while_the_bridge_was_away_is_noticed_after_the_restart_once() {
+    let (mut h, dm) = dm("alice");
+    h.say(&dm, &user("alice"), "stop web").await;
+    let t = h.bridge.config.target("web").unwrap().clone();
+    h.bridge.on_observed(&t, &h.object("web").await).await.unwrap();
+    h.scale_as("kubectl", "web", 3).await;
+    h.restart();
+    h.bridge.on_observed(&t, &h.object("web").await).await.unwrap();
+    h.restart();
+    h.bridge.on_observed(&t, &h.object("web").await).await.unwrap();
+    let drift: Vec<String> = h.homeserver.sent().into_iter().filter(|m| m.starts_with("⚠️")).collect();
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert!(drift[0].contains("scaled 0 → 3 by kubectl"), "{drift:?}");
+}

@@ -206,6 +206,24 @@ impl Harness {
         self.cluster.replicas(test_apiserver::WorkloadKind::Deployment, "apps", name).unwrap().0
     }
 
+    /// The Deployment `name` in `apps`, as a watch would deliver it.
+    pub(super) async fn object(&self, name: &str) -> kube::api::DynamicObject {
+        let resource = kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&());
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(kube_client(&self.cluster), "apps", &resource);
+        api.get(name).await.unwrap()
+    }
+
+    /// Scales the Deployment `name` to `replicas` as the field manager `manager`, as Argo CD or
+    /// a person with kubectl would.
+    pub(super) async fn scale_as(&self, manager: &str, name: &str, replicas: i32) {
+        let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+            kube::Api::namespaced(kube_client(&self.cluster), "apps");
+        let params = kube::api::PatchParams { field_manager: Some(manager.into()), ..Default::default() };
+        let patch = kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}}));
+        api.patch_scale(name, &params, &patch).await.unwrap();
+    }
+
     /// How many times the bridge patched a workload's scale.
     pub(super) fn patches(&self) -> usize {
         self.cluster.requests().iter().filter(|r| r.method == "PATCH").count()
@@ -213,6 +231,17 @@ impl Harness {
 }
 
 use crate::clock::Clock;
+
+/// A kube-rs client that calls the test API server's router in-process.
+pub(super) fn kube_client(cluster: &test_apiserver::Cluster) -> kube::Client {
+    let api = tower::ServiceBuilder::new()
+        .map_request(|mut r: http::Request<kube::client::Body>| {
+            r.headers_mut().insert(http::header::AUTHORIZATION, http::HeaderValue::from_static("Bearer token"));
+            r
+        })
+        .service(test_apiserver::app(cluster.clone()));
+    kube::Client::new(api, "default")
+}
 
 fn build(
     config: &Arc<Config>,
@@ -222,16 +251,7 @@ fn build(
     metrics: &Arc<Metrics>,
     clock: &Arc<ManualClock>,
 ) -> Bridge<FakeHomeserver> {
-    let api = tower::ServiceBuilder::new()
-        .map_request(|mut r: http::Request<kube::client::Body>| {
-            r.headers_mut().insert(http::header::AUTHORIZATION, http::HeaderValue::from_static("Bearer token"));
-            r
-        })
-        .service(test_apiserver::app(cluster.clone()));
-    let scaler = Scaler::new(
-        kube::Client::new(api, "default"),
-        RetryPolicy { attempts: 1, first_delay: Duration::from_millis(1) },
-    );
+    let scaler = Scaler::new(kube_client(cluster), RetryPolicy { attempts: 1, first_delay: Duration::from_millis(1) });
     let crypto = Arc::new(CryptoCell::new(store.clone(), Arc::new(tokio::sync::Notify::new())));
     Bridge::new(
         config.clone(),

@@ -325,7 +325,7 @@ impl<H: Homeserver> Bridge<H> {
             Change::Scaled { from, to } => {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, to, "scaled up");
-                self.audit(t, SCALED_BY_CHAT, replies::audit_by(to, &message.sender)).await;
+                self.audit(t, to, SCALED_BY_CHAT, replies::audit_by(to, &message.sender)).await;
                 let text = format!("{}{capped}{next}", replies::starting(t, from, to, until.as_deref()));
                 (text, Some(FollowUp { target: t.clone(), up: true }))
             }
@@ -364,7 +364,7 @@ impl<H: Homeserver> Bridge<H> {
             Change::Scaled { from, .. } => {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, "scaled to zero");
-                self.audit(t, SCALED_BY_CHAT, replies::audit_by(0, &message.sender)).await;
+                self.audit(t, 0, SCALED_BY_CHAT, replies::audit_by(0, &message.sender)).await;
                 (format!("{}{next}", replies::stopping(t, from)), Some(FollowUp { target: t.clone(), up: false }))
             }
             Change::Unchanged { .. } => (format!("{}{next}", replies::already_off(t)), None),
@@ -404,7 +404,10 @@ impl<H: Homeserver> Bridge<H> {
 
     /// Records the scale of `t` as a Kubernetes Event; a failure is logged and counted, never
     /// in the way of the command.
-    pub(super) async fn audit(&self, t: &Target, reason: &str, note: String) {
+    pub(super) async fn audit(&self, t: &Target, to: i32, reason: &str, note: String) {
+        if let Err(e) = self.store.set_written_replicas(&t.name, to) {
+            tracing::warn!(error = %e, "could not remember the count the bridge scaled to");
+        }
         let Ok(scaler) = &self.scaler else { return };
         if let Err(e) = scaler.record(t, reason, &note).await {
             self.metrics.error("audit_event");

@@ -4,7 +4,7 @@
 //! Here: the job dispatch ([`JobHandler`]) and the parts every room uses. Each step lives in
 //! its own file: `message` (the command recipe), `encrypted` (decrypt, park, requeue, the
 //! "could not decrypt" notice), `membership` (invites, leaving, loading rooms), `rollouts`
-//! (follow, resume), `timed` (timed starts, `extend`, warnings, schedules), `outbox` (sending) and `homeserver` (the [`Homeserver`] trait: every call
+//! (follow, resume), `drift` (changes someone else made), `timed` (timed starts, `extend`, warnings, schedules), `outbox` (sending) and `homeserver` (the [`Homeserver`] trait: every call
 //! the bridge makes to the homeserver, so `decisions` can test it with an in-memory fake). The
 //! words are in [`crate::replies`].
 //!
@@ -41,6 +41,7 @@ use matrix_sdk_common::deserialized_responses::EncryptionInfo;
 
 #[cfg(test)]
 mod decisions;
+mod drift;
 mod encrypted;
 #[cfg(test)]
 mod fake;

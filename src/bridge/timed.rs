@@ -244,7 +244,7 @@ impl<H: Homeserver> Bridge<H> {
         tracing::info!(target = %t.name, action = timer.action_name(), ?change, late_ms = now - timer.due_ms, "a timer ran");
         if let Change::Scaled { to, .. } = change {
             let reason = if timer.action.is_scheduled() { "ScaledBySchedule" } else { "TimedStop" };
-            self.audit(t, reason, replies::audit_by_timer(to, timer.action.is_scheduled())).await;
+            self.audit(t, to, reason, replies::audit_by_timer(to, timer.action.is_scheduled())).await;
         }
         Some(match (timer.action, change) {
             (TimerAction::Stop, Change::Scaled { from, .. }) => Some(replies::timed_stop(t, Some(from), &late)),

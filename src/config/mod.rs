@@ -141,6 +141,8 @@ pub struct Target {
     pub warn_before: Option<Duration>,
     /// When it is switched on and off by itself.
     pub schedule: Option<Schedule>,
+    /// Whether a change of its replicas by someone else is posted to its room.
+    pub drift_notices: bool,
 }
 
 impl Target {
@@ -158,6 +160,7 @@ impl Target {
             max_on: None,
             warn_before: Some(Duration::from_secs(600)),
             schedule: None,
+            drift_notices: true,
         }
     }
 
@@ -290,6 +293,7 @@ struct RawTarget {
     max_on: Option<String>,
     warn_before: Option<String>,
     schedule: Option<RawSchedule>,
+    drift_notices: Option<bool>,
 }
 
 /// A target's schedule as written in the config file.
@@ -399,6 +403,7 @@ fn targets_from_file(
             None => None,
         };
         out.push(Target {
+            drift_notices: t.drift_notices.unwrap_or(true),
             max_on,
             warn_before,
             schedule,

@@ -220,6 +220,26 @@ impl Store {
         self.set(&format!("room-of/{target}"), room.as_str())
     }
 
+    /// The replicas of `target`'s workload when the bridge last looked.
+    pub fn seen_replicas(&self, target: &str) -> Result<Option<i32>, StoreError> {
+        Ok(self.get(&format!("seen-replicas/{target}"))?.and_then(|v| v.parse().ok()))
+    }
+
+    /// Remembers the replicas of `target`'s workload as seen now.
+    pub fn set_seen_replicas(&self, target: &str, replicas: i32) -> Result<(), StoreError> {
+        self.set(&format!("seen-replicas/{target}"), &replicas.to_string())
+    }
+
+    /// The replicas the bridge last scaled `target` to.
+    pub fn written_replicas(&self, target: &str) -> Result<Option<i32>, StoreError> {
+        Ok(self.get(&format!("wrote-replicas/{target}"))?.and_then(|v| v.parse().ok()))
+    }
+
+    /// Remembers that the bridge scaled `target` to `replicas`.
+    pub fn set_written_replicas(&self, target: &str, replicas: i32) -> Result<(), StoreError> {
+        self.set(&format!("wrote-replicas/{target}"), &replicas.to_string())
+    }
+
     /// The room that last commanded `target`.
     pub fn target_room(&self, target: &str) -> Result<Option<OwnedRoomId>, StoreError> {
         Ok(self.get(&format!("room-of/{target}"))?.and_then(|r| r.try_into().ok()))

@@ -258,10 +258,37 @@ pub(crate) fn union(into: &mut Value, other: &Value) {
     merge(into, other);
 }
 
+/// Removes from the field set `from` every leaf field of `taken` (FieldsV1 objects), and the
+/// objects that leaves empty: what an updater takes over is no longer another manager's.
+pub(crate) fn subtract(from: &mut Value, taken: &Value) {
+    let (Some(from), Some(taken)) = (from.as_object_mut(), taken.as_object()) else { return };
+    for (key, sub) in taken {
+        let leaf = sub.as_object().is_none_or(|o| o.is_empty());
+        if leaf {
+            from.remove(key);
+        } else if let Some(inner) = from.get_mut(key) {
+            subtract(inner, sub);
+            if inner.as_object().is_some_and(|o| o.is_empty()) {
+                from.remove(key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_taken_field_leaves_the_other_managers_set_and_empty_parents_go_too() {
+        let mut fields = json!({"f:spec": {"f:replicas": {}, "f:template": {"f:x": {}}}});
+        subtract(&mut fields, &json!({"f:spec": {"f:replicas": {}}}));
+        assert_eq!(fields, json!({"f:spec": {"f:template": {"f:x": {}}}}));
+        let mut only = json!({"f:spec": {"f:replicas": {}}});
+        subtract(&mut only, &json!({"f:spec": {"f:replicas": {}}}));
+        assert_eq!(only, json!({}));
+    }
 
     #[test]
     fn merge_patch_follows_the_rfc_7386_examples() {

@@ -371,9 +371,16 @@ pub(crate) fn now() -> Timestamp {
     Timestamp::from_second(i64::try_from(seconds).unwrap_or_default()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
-/// Adds or extends `manager`'s `Update` entry in `managedFields`.
+/// Adds or extends `manager`'s `Update` entry in `managedFields`. As in the real server, an
+/// update takes the fields it writes over from every other manager, whose emptied entries go.
 fn record_manager(object: &mut Workload, write: &Write<'_>, now: Timestamp) {
     let entries = object.meta_mut().managed_fields.get_or_insert_default();
+    for other in entries.iter_mut().filter(|e| e.manager.as_deref() != Some(write.manager)) {
+        if let Some(fields) = other.fields_v1.as_mut() {
+            patch::subtract(&mut fields.0, &write.fields);
+        }
+    }
+    entries.retain(|e| e.fields_v1.as_ref().is_none_or(|f| f.0.as_object().is_none_or(|o| !o.is_empty())));
     let subresource = write.subresource.map(str::to_owned);
     let existing = entries.iter_mut().find(|e| {
         e.manager.as_deref() == Some(write.manager)
@@ -460,5 +467,19 @@ mod tests {
         let written = store.write(&key, candidate, write("matrix-k8s-toggle")).unwrap();
         let entries = written.meta().managed_fields.clone().unwrap();
         assert_eq!(entries[0].manager.as_deref(), Some("matrix-k8s-toggle"));
+    }
+
+    #[test]
+    fn the_last_writer_of_a_field_owns_it_alone() {
+        let (mut store, key) = store_with_web();
+        for (manager, replicas) in [("matrix-k8s-toggle", 3), ("argocd-application-controller", 1)] {
+            let mut candidate = store.get(&key).unwrap().clone();
+            candidate.set_spec_replicas(replicas);
+            store.write(&key, candidate, write(manager)).unwrap();
+        }
+        let entries = store.get(&key).unwrap().meta().managed_fields.clone().unwrap();
+        let owners: Vec<_> = entries.iter().filter_map(|e| e.manager.as_deref()).collect();
+        assert!(owners.contains(&"argocd-application-controller"), "{owners:?}");
+        assert!(!owners.contains(&"matrix-k8s-toggle"), "the bridge's emptied entry went: {owners:?}");
     }
 }
