@@ -86,7 +86,10 @@ mod tests {
 
     #[test]
     fn the_owner_of_the_replicas_is_the_last_manager_that_wrote_them() {
-        let o = object(Some(3), &[("matrix-k8s-toggle", "2026-12-03T14:00:00Z"), ("argocd-application-controller", "2026-12-03T14:02:00Z")]);
+        let o = object(
+            Some(3),
+            &[("matrix-k8s-toggle", "2026-12-03T14:00:00Z"), ("argocd-application-controller", "2026-12-03T14:02:00Z")],
+        );
         let seen = observe(&o);
         assert_eq!((seen.replicas, seen.manager.as_deref()), (3, Some("argocd-application-controller")));
         assert_eq!(seen.at_ms, Some(1_796_306_520_000));

@@ -388,7 +388,10 @@ impl Scaler {
 
     /// Every look at `t`'s workload from now on, as a watch that reconnects by itself (with
     /// backoff after errors).
-    pub fn watch(&self, t: &Target) -> impl futures_util::Stream<Item = Result<Option<DynamicObject>, watcher::Error>> + Send + use<> {
+    pub fn watch(
+        &self,
+        t: &Target,
+    ) -> impl futures_util::Stream<Item = Result<Option<DynamicObject>, watcher::Error>> + Send + use<> {
         use kube::runtime::WatchStreamExt;
         watcher::watch_object(self.api(t), &t.workload).default_backoff()
     }

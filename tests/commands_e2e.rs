@@ -345,6 +345,8 @@ async fn a_scale_by_another_controller_is_posted_naming_it_and_the_bridges_own_i
     let room = s.dm(&alice).await;
     alice.send_text(&room, "start").await;
     alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    // NB: the tests link two TLS backends; a kube client needs one chosen, as main does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::from_yaml(&s.api.kubeconfig_yaml()).unwrap(),
@@ -355,7 +357,8 @@ async fn a_scale_by_another_controller_is_posted_naming_it_and_the_bridges_own_i
     )
     .unwrap();
     let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(client, "clawdbot");
-    let params = kube::api::PatchParams { field_manager: Some("argocd-application-controller".into()), ..Default::default() };
+    let params =
+        kube::api::PatchParams { field_manager: Some("argocd-application-controller".into()), ..Default::default() };
     api.patch_scale("clawdbot", &params, &kube::api::Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
     let notice = |m: &Value| body(m).starts_with("⚠️ clawdbot was scaled 1 → 3 by argocd-application-controller");
     support::eventually(WAIT, "the drift notice", || async {

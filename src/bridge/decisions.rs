@@ -267,7 +267,9 @@ async fn a_change_by_another_controller_is_noticed_once_naming_it_and_the_bridge
     assert_eq!(drift.len(), 1, "once: {drift:?}");
     assert!(drift[0].starts_with("⚠️ web was scaled 2 → 5 by argocd-application-controller at "), "{drift:?}");
     assert!(drift[0].ends_with(", not by this bot."), "{drift:?}");
-    assert!(h.say(&dm, &user("alice"), "history web").await[0].contains("by argocd-application-controller: 2 → 5 replicas"));
+    assert!(
+        h.say(&dm, &user("alice"), "history web").await[0].contains("by argocd-application-controller: 2 → 5 replicas")
+    );
 }
 
 #[tokio::test(start_paused = true)]

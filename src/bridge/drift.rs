@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use kube::api::DynamicObject;
 
 use super::*;
-use crate::drift;
+use crate::{calendar, drift};
 
 impl<H: Homeserver> Bridge<H> {
     /// Watches every target with drift notices on, each in its own task, until the process ends.
