@@ -270,6 +270,23 @@ async fn a_change_by_another_controller_is_noticed_once_naming_it_and_the_bridge
     assert!(
         h.say(&dm, &user("alice"), "history web").await[0].contains("by argocd-application-controller: 2 → 5 replicas")
     );
+
+    let ops = room("ops");
+    h.homeserver.room(&ops, &[&user("alice"), &user("bob")]);
+    h.say(&ops, &user("alice"), "!toggle start web 1").await;
+    h.bridge.on_observed(&t, &h.object("web").await).await.unwrap();
+    h.scale_as("kubectl", "web", 4).await;
+    h.bridge.on_observed(&t, &h.object("web").await).await.unwrap();
+    let rooms: Vec<OwnedRoomId> = h
+        .homeserver
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            super::fake::Call::Send(room, _, text) if text.contains("by kubectl") => Some(room),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rooms, [room("ops"), room("dm")], "every room that commanded web, the latest first");
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,6 +1,6 @@
 //! Drift notices: each target with `drift_notices` on is watched (kube-rs `watcher`, which
 //! reconnects by itself); a change to its replicas that this bridge did not make is posted to
-//! the room that last commanded it, naming who made it. The last replicas seen are kept in the
+//! the rooms that commanded it, naming who made it. The last replicas seen are kept in the
 //! store, so a change made while the bridge was away is noticed when it is back, once.
 
 use futures_util::StreamExt;
@@ -54,11 +54,18 @@ impl<H: Homeserver> Bridge<H> {
             let who = change.manager.clone().unwrap_or_else(|| "someone else".to_owned());
             let outcome: Result<Change, ScaleError> = Ok(Change::Scaled { from: change.from, to: change.to });
             self.record_action(t, &who, "scale (not via Matrix)".into(), &outcome);
-            if let Some(room) = self.store.target_room(&t.name)? {
-                let version = object.metadata.resource_version.clone().unwrap_or_default();
-                let txn = format!("mkt-drift-{}-{version}", t.name).into();
-                let text = Reply::text(replies::drift(t, &change, at.as_deref()));
-                self.send_notice(&room, None, &text, &txn).await?;
+            let version = object.metadata.resource_version.clone().unwrap_or_default();
+            let text = Reply::text(replies::drift(t, &change, at.as_deref()));
+            for room in self.store.target_rooms(&t.name)? {
+                // NB: transaction ids are the bot's, not the room's: one per room.
+                let safe: String = room.as_str().chars().filter(char::is_ascii_alphanumeric).collect();
+                let txn = format!("mkt-drift-{}-{version}-{safe}", t.name).into();
+                match self.send_notice(&room, None, &text, &txn).await {
+                    Ok(()) => {}
+                    // NB: a transient failure leaves the count unseen, so the notice is tried again.
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) => tracing::info!(room_id = %room, error = %e, "could not post a drift notice to this room"),
+                }
             }
         }
         if last != Some(seen.replicas) {
