@@ -426,52 +426,50 @@ impl Scaler {
             .map_err(|e| classify(e, t, EVENT_PERMISSION.0, EVENT_PERMISSION.1, 1))
     }
 
-    /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses.
-    /// Returns (verb, resource, allowed) for each.
+    /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses,
+    /// and the audit trail's. Returns (verb, resource, allowed) for each.
     pub async fn access_review(&self, t: &Target) -> Result<Vec<(&'static str, &'static str, bool)>, ScaleError> {
-        let api: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        // NB: named for list and watch too: the rollout watch pins the object with a
+        // metadata.name field selector, which RBAC matches against resourceNames.
+        let workload = permissions_needed(t.kind).map(|(verb, resource)| (verb, resource, "apps", Some(&t.workload)));
+        let event = (EVENT_PERMISSION.0, EVENT_PERMISSION.1, EVENTS_GROUP, None);
         let mut out = Vec::new();
-        for (verb, resource) in permissions_needed(t.kind) {
-            let (res, sub) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s.to_owned())));
-            let review = SelfSubjectAccessReview {
-                spec: SelfSubjectAccessReviewSpec {
-                    resource_attributes: Some(ResourceAttributes {
-                        namespace: Some(t.namespace.clone()),
-                        verb: Some(verb.into()),
-                        group: Some("apps".into()),
-                        resource: Some(res.into()),
-                        subresource: sub,
-                        // NB: named for list and watch too: the rollout watch pins the object with a
-                        // metadata.name field selector, which RBAC matches against resourceNames.
-                        name: Some(t.workload.clone()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let post = PostParams::default();
-            let answer = self.retrying(t, "create", "", || api.create(&post, &review)).await?;
-            out.push((verb, resource, answer.status.is_some_and(|s| s.allowed)));
+        for (verb, resource, group, name) in workload.into_iter().chain([event]) {
+            out.push((verb, resource, self.allowed(t, verb, group, resource, name).await?));
         }
-        let (verb, resource) = EVENT_PERMISSION;
+        Ok(out)
+    }
+
+    /// Whether the API server lets us `verb` on `resource` (with its subresource after `/`) in
+    /// `group`, in `t`'s namespace, on the object `name` if given.
+    async fn allowed(
+        &self,
+        t: &Target,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        name: Option<&String>,
+    ) -> Result<bool, ScaleError> {
+        let (resource, subresource) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s)));
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
                     namespace: Some(t.namespace.clone()),
                     verb: Some(verb.into()),
-                    group: Some(EVENTS_GROUP.into()),
+                    group: Some(group.into()),
                     resource: Some(resource.into()),
+                    subresource: subresource.map(str::to_owned),
+                    name: name.cloned(),
                     ..Default::default()
                 }),
                 ..Default::default()
             },
             ..Default::default()
         };
+        let api: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
         let post = PostParams::default();
         let answer = self.retrying(t, "create", "", || api.create(&post, &review)).await?;
-        out.push((verb, resource, answer.status.is_some_and(|s| s.allowed)));
-        Ok(out)
+        Ok(answer.status.is_some_and(|s| s.allowed))
     }
 }
 
