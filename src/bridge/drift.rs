@@ -58,8 +58,7 @@ impl<H: Homeserver> Bridge<H> {
             let text = Reply::text(replies::drift(t, &change, at.as_deref()));
             for room in self.store.target_rooms(&t.name)? {
                 // NB: transaction ids are the bot's, not the room's: one per room.
-                let safe: String = room.as_str().chars().filter(char::is_ascii_alphanumeric).collect();
-                let txn = format!("mkt-drift-{}-{version}-{safe}", t.name).into();
+                let txn = txn_for("drift", &format!("{}-{version}-{room}", t.name));
                 match self.send_notice(&room, None, &text, &txn).await {
                     Ok(()) => {}
                     // NB: a transient failure leaves the count unseen, so the notice is tried again.

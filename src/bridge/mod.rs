@@ -55,7 +55,7 @@ mod timed;
 mod timed_decisions;
 
 pub use homeserver::Homeserver;
-use outbox::{Outbox, txn_id};
+use outbox::{Outbox, txn_for, txn_id};
 
 pub use crate::replies::{human_duration, outcome_line, status_line};
 

@@ -63,7 +63,12 @@ pub(super) fn notice(reply: &Reply, reply_to: Option<&EventId>) -> RoomMessageEv
 
 /// A transaction id derived from an event id, so a repeated send is dropped by the homeserver.
 pub(super) fn txn_id(kind: &str, event_id: &EventId) -> OwnedTransactionId {
-    let safe: String =
-        event_id.as_str().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    txn_for(kind, event_id.as_str())
+}
+
+/// A transaction id derived from `key` (what the message is about: a timer, a change), so a
+/// repeated send is dropped by the homeserver; only `[A-Za-z0-9_-]` of `key` is kept.
+pub(super) fn txn_for(kind: &str, key: &str) -> OwnedTransactionId {
+    let safe: String = key.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
     format!("mkt-{kind}-{safe}").into()
 }

@@ -193,11 +193,11 @@ impl<H: Homeserver> Bridge<H> {
                 None => self.store.target_room(&t.name)?,
             };
             if let Some(room) = room {
-                self.send_notice(&room, None, &Reply::text(text), &format!("mkt-timer-{}", timer.id).into()).await?;
+                self.send_notice(&room, None, &Reply::text(text), &txn_for("timer", &timer.id.to_string())).await?;
             }
         }
         self.store.finish_timer(timer.id)?;
-        self.metrics.timers.get_or_create(&KindLabel { kind: timer.action_name().into() }).inc();
+        self.metrics.timers.get_or_create(&KindLabel { kind: timer.action.as_str().into() }).inc();
         self.plan_next(timer, now)
     }
 
@@ -221,7 +221,7 @@ impl<H: Homeserver> Bridge<H> {
             TimerAction::On => ("start", scaler.start(t, None, memory).await),
         };
         let actor = if timer.action.is_scheduled() { "the schedule" } else { "a timed stop" };
-        self.record_action(t, actor, timer.action_name().to_owned(), &result);
+        self.record_action(t, actor, timer.action.as_str().to_owned(), &result);
         let change = match result {
             Ok(change) => change,
             Err(e) => {
@@ -233,7 +233,7 @@ impl<H: Homeserver> Bridge<H> {
                 let first = timer.attempts == 0;
                 if first && let Some(room) = self.timer_room(timer) {
                     let text = Reply::text(replies::timer_failed(t, verb, &e));
-                    let txn = format!("mkt-timer-failed-{}", timer.id).into();
+                    let txn = txn_for("timer-failed", &timer.id.to_string());
                     if let Err(e) = self.send_notice(&room, None, &text, &txn).await {
                         tracing::warn!(error = %e, "could not say that a timer failed");
                     }
@@ -241,7 +241,7 @@ impl<H: Homeserver> Bridge<H> {
                 return None;
             }
         };
-        tracing::info!(target = %t.name, action = timer.action_name(), ?change, late_ms = now - timer.due_ms, "a timer ran");
+        tracing::info!(target = %t.name, action = timer.action.as_str(), ?change, late_ms = now - timer.due_ms, "a timer ran");
         if let Change::Scaled { to, .. } = change {
             let reason = if timer.action.is_scheduled() { "ScaledBySchedule" } else { "TimedStop" };
             self.audit(t, to, reason, replies::audit_by_timer(to, timer.action.is_scheduled())).await;
@@ -279,16 +279,6 @@ impl Timer {
             TimerAction::On => Some(Switch::On),
             TimerAction::Off => Some(Switch::Off),
             TimerAction::Stop | TimerAction::Warn => None,
-        }
-    }
-
-    /// How metrics count it.
-    fn action_name(&self) -> &'static str {
-        match self.action {
-            TimerAction::Stop => "stop",
-            TimerAction::Warn => "warn",
-            TimerAction::On => "on",
-            TimerAction::Off => "off",
         }
     }
 }

@@ -25,7 +25,8 @@ pub enum TimerAction {
 }
 
 impl TimerAction {
-    fn as_str(self) -> &'static str {
+    /// `stop`, `warn`, `on` or `off`, as stored and counted.
+    pub fn as_str(self) -> &'static str {
         match self {
             TimerAction::Stop => "stop",
             TimerAction::Warn => "warn",
