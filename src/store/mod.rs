@@ -1,6 +1,7 @@
 //! Durable state in `STATE_DIR/state.sqlite3`: processed transaction ids, the event work queue,
 //! progress of each command, and small key-value facts (our device id). Timed stops and
-//! scheduled switches are in `timers`, what was done to each target in `history`; the lock that keeps a second bridge off the directory
+//! scheduled switches are in `timers`, what was done to each target in `history`, the rooms and
+//! counts kept per target in `targets`; the lock that keeps a second bridge off the directory
 //! in `lock`.
 
 use std::{
@@ -10,10 +11,12 @@ use std::{
 
 mod history;
 mod lock;
+mod targets;
 mod timers;
 
 pub use history::{Action, HISTORY_KEPT};
 pub use lock::{LockError, StateLock};
+pub use targets::ROOMS_PER_TARGET;
 pub use timers::{Timer, TimerAction, TimerStage};
 
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
