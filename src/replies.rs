@@ -159,8 +159,8 @@ pub fn which_target(command: &str, targets: &[String]) -> String {
     format!("Which one? `{command} <target>`. Targets: {}", targets.join(", "))
 }
 
-/// Kubernetes could not be configured at start-up, or a call failed: the error, marked.
-pub fn kubernetes_error(error: &dyn std::fmt::Display) -> String {
+/// An error that is the whole answer (Kubernetes not configured, the state unreadable), marked.
+pub fn failure(error: &dyn std::fmt::Display) -> String {
     format!("⚠️ {error}")
 }
 

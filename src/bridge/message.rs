@@ -266,7 +266,7 @@ impl<H: Homeserver> Bridge<H> {
     async fn status_of(&self, targets: &[&Target]) -> String {
         let scaler = match &self.scaler {
             Ok(s) => s,
-            Err(e) => return replies::kubernetes_error(e),
+            Err(e) => return replies::failure(e),
         };
         let mut lines = Vec::new();
         for t in targets {
@@ -293,7 +293,7 @@ impl<H: Homeserver> Bridge<H> {
         }
         let scaler = match &self.scaler {
             Ok(s) => s,
-            Err(e) => return (replies::kubernetes_error(e), None),
+            Err(e) => return (replies::failure(e), None),
         };
         let result = self.patiently(message, scaler.start(t, replicas, self.store.as_ref())).await;
         self.record_action(t, message.sender.as_str(), cmd.to_string(), &result);
@@ -344,7 +344,7 @@ impl<H: Homeserver> Bridge<H> {
     ) -> (String, Option<FollowUp>) {
         let scaler = match &self.scaler {
             Ok(s) => s,
-            Err(e) => return (replies::kubernetes_error(e), None),
+            Err(e) => return (replies::failure(e), None),
         };
         let result = self.patiently(message, scaler.stop(t, self.store.as_ref())).await;
         self.record_action(t, message.sender.as_str(), cmd.to_string(), &result);
@@ -384,7 +384,7 @@ impl<H: Homeserver> Bridge<H> {
                 let now = self.clock.now_ms();
                 replies::history_text(&actions, |at| crate::calendar::when_text(now, at, &self.config.timezone))
             }
-            Err(e) => replies::kubernetes_error(&e),
+            Err(e) => replies::failure(&e),
         }
     }
 

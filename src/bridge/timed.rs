@@ -209,7 +209,7 @@ impl<H: Homeserver> Bridge<H> {
         let late = replies::late(Duration::from_millis((now - timer.due_ms).max(0) as u64), &due_text);
         let scaler = match &self.scaler {
             Ok(s) => s,
-            Err(e) => return Some(Some(replies::kubernetes_error(e))),
+            Err(e) => return Some(Some(replies::failure(e))),
         };
         let memory = self.store.as_ref();
         let (verb, result) = match timer.action {
