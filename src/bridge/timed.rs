@@ -187,14 +187,10 @@ impl<H: Homeserver> Bridge<H> {
             }
         };
         self.store.set_timer_stage(timer.id, &TimerStage::Acted(notice.clone()))?;
-        if let Some(text) = notice {
-            let room = match &timer.room_id {
-                Some(room) => Some(room.clone()),
-                None => self.store.target_room(&t.name)?,
-            };
-            if let Some(room) = room {
-                self.send_notice(&room, None, &Reply::text(text), &txn_for("timer", &timer.id.to_string())).await?;
-            }
+        if let Some(text) = notice
+            && let Some(room) = self.timer_room(timer)?
+        {
+            self.send_notice(&room, None, &Reply::text(text), &txn_for("timer", &timer.id.to_string())).await?;
         }
         self.store.finish_timer(timer.id)?;
         self.metrics.timers.get_or_create(&KindLabel { kind: timer.action.as_str().into() }).inc();
@@ -231,7 +227,7 @@ impl<H: Homeserver> Bridge<H> {
                     tracing::warn!(error = %e, "could not put a timer off");
                 }
                 let first = timer.attempts == 0;
-                if first && let Some(room) = self.timer_room(timer) {
+                if first && let Some(room) = self.timer_room(timer).ok().flatten() {
                     let text = Reply::text(replies::timer_failed(t, verb, &e));
                     let txn = txn_for("timer-failed", &timer.id.to_string());
                     if let Err(e) = self.send_notice(&room, None, &text, &txn).await {
@@ -252,23 +248,27 @@ impl<H: Homeserver> Bridge<H> {
             (TimerAction::Stop, Change::Unchanged { .. }) if restarted => Some(replies::timed_stop(t, None, &late)),
             (TimerAction::Stop, Change::Unchanged { .. }) => None,
             // NB: the schedule takes over from a chat command at its next switch.
-            (action, change) => {
+            (_, change) => {
                 if let Err(e) = self.store.cancel_timed_stop(&t.name) {
                     tracing::warn!(error = %e, "could not cancel a timed stop the schedule overrides");
                 }
-                let switch = if action == TimerAction::On { Switch::On } else { Switch::Off };
-                match change {
-                    Change::Scaled { from, to } => {
+                match (timer.switch(), change) {
+                    (Some(switch), Change::Scaled { from, to }) => {
                         Some(replies::scheduled(t, switch, from, to, &self.schedule_after(t, switch), &late))
                     }
-                    Change::Unchanged { .. } => None,
+                    _ => None,
                 }
             }
         })
     }
 
-    fn timer_room(&self, timer: &Timer) -> Option<OwnedRoomId> {
-        timer.room_id.clone().or_else(|| self.store.target_room(&timer.target).ok().flatten())
+    /// Where `timer`'s notices go: the room of the command that set it, else the room that
+    /// last commanded its target.
+    fn timer_room(&self, timer: &Timer) -> Result<Option<OwnedRoomId>, BridgeError> {
+        match &timer.room_id {
+            Some(room) => Ok(Some(room.clone())),
+            None => Ok(self.store.target_room(&timer.target)?),
+        }
     }
 }
 
