@@ -59,10 +59,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
     let config = Arc::new(config);
-    let store = Arc::new(Store::open(&config.state_dir)?);
-    // NB: held until the process ends: a second replica on this directory stops here, before it
-    // could run a command or a timer twice.
+    // NB: held until the process ends, and taken before anything in the directory is opened: a
+    // second replica on it stops here, before it could run a command or a timer twice.
     let _lock = store::StateLock::acquire(&config.state_dir)?;
+    let store = Arc::new(Store::open(&config.state_dir)?);
     // NB: before serving: a wrong passphrase must stop start-up, not set the store aside.
     let unlocked = crypto::UnlockedStore::open(&config).await?;
     let metrics = Arc::new(Metrics::new());

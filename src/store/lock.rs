@@ -15,7 +15,7 @@ pub enum LockError {
         path: String,
     },
     /// The lock file could not be opened or locked.
-    #[error("STATE_DIR {path}: cannot lock bridge.lock: {source}")]
+    #[error("STATE_DIR {path}: cannot lock bridge.lock: {source}; make the directory writable by the bridge's user")]
     Io {
         /// The state directory.
         path: String,
@@ -32,9 +32,10 @@ pub struct StateLock {
 }
 
 impl StateLock {
-    /// Takes the lock on `dir`, or says who holds it.
+    /// Takes the lock on `dir` (creating it if need be), or says who holds it.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
         let path = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|source| LockError::Io { path: path.clone(), source })?;
         let file = File::options()
             .create(true)
             .truncate(false)
