@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, futures::Notified, watch};
 use tokio::time::Instant;
 
+use crate::autoscalers::{self, AutoscalerKind};
 use crate::controller::ControllerMode;
 use crate::faults::{Fault, Faults};
 use crate::rbac::RbacRule;
@@ -78,6 +79,25 @@ impl Cluster {
     /// Creates a workload of `kind` with `replicas` ready replicas (or resets one to that).
     pub fn add_workload(&self, kind: WorkloadKind, namespace: &str, name: &str, replicas: i32) {
         self.store().upsert(&Key::new(kind, namespace, name), replicas);
+    }
+
+    /// Creates an autoscaling/v2 HorizontalPodAutoscaler `name` in `namespace` that scales the
+    /// workload `target` between `min` and `max` replicas (currently `current`).
+    pub fn add_hpa(&self, namespace: &str, name: &str, target: (WorkloadKind, &str), min: i32, max: i32, current: i32) {
+        let (spec, status) = autoscalers::hpa(target, min, max, current);
+        self.store().put_autoscaler(AutoscalerKind::Hpa, namespace, name, spec, status);
+    }
+
+    /// Creates a KEDA ScaledObject `name` in `namespace` that scales the Deployment `target`
+    /// between `min` and `max` replicas.
+    pub fn add_scaled_object(&self, namespace: &str, name: &str, target: &str, min: i32, max: i32) {
+        let (spec, status) = autoscalers::scaled_object(target, min, max);
+        self.store().put_autoscaler(AutoscalerKind::ScaledObject, namespace, name, spec, status);
+    }
+
+    /// An HPA or ScaledObject as a GET would return it.
+    pub fn autoscaler(&self, kind: AutoscalerKind, namespace: &str, name: &str) -> Option<serde_json::Value> {
+        self.store().autoscaler(kind, namespace, name).cloned()
     }
 
     /// Deletes a workload, which watchers see as DELETED; false if it did not exist.

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::admin;
+use crate::autoscalers::AutoscalerKind;
 use crate::cluster::Cluster;
 use crate::patch::{self, PatchType};
 use crate::rbac::{self, Attributes};
@@ -133,6 +134,19 @@ fn serve(cluster: &Cluster, incoming: Incoming, rules: Option<Vec<rbac::RbacRule
         }
         (&Method::POST, Target::AccessReview) => access_review(rules.as_deref(), &incoming),
         (&Method::POST, Target::Events { namespace }) => create_event(cluster, namespace, &incoming),
+        (&Method::GET, Target::Autoscalers { kind, namespace }) => {
+            list_autoscalers(cluster, *kind, namespace, &incoming)
+        }
+        (&Method::GET, Target::Autoscaler { kind, namespace, name }) => {
+            let store = cluster.store();
+            let object = store
+                .autoscaler(*kind, namespace, name)
+                .ok_or_else(|| Status::not_found(kind.group_resource(), name))?;
+            Ok(json_response(StatusCode::OK, object))
+        }
+        (&Method::PATCH, Target::Autoscaler { kind, namespace, name }) => {
+            patch_autoscaler(cluster, *kind, namespace, name, &incoming)
+        }
         (&Method::GET, Target::Discovery(document)) => Ok(discovery(*document)),
         (&Method::GET, Target::Health) => Ok("ok".into_response()),
         (_, Target::Unknown) => Err(Status::path_not_found()),
@@ -166,6 +180,68 @@ fn create_event(cluster: &Cluster, namespace: &str, incoming: &Incoming) -> Repl
     let created =
         cluster.store().create_event(namespace, event).ok_or_else(|| Status::already_exists(EVENTS, &name))?;
     Ok(json_response(StatusCode::CREATED, &created))
+}
+
+/// A list of HPAs or ScaledObjects. Items of a built-in kind lose their `kind` and
+/// `apiVersion` in a list, as the real server writes them; custom resources keep theirs.
+fn list_autoscalers(cluster: &Cluster, kind: AutoscalerKind, namespace: &str, incoming: &Incoming) -> Reply {
+    if incoming.request.query.watch {
+        return Err(Status::bad_request(format!(
+            "the test API server does not watch {}",
+            kind.group_resource().resource
+        )));
+    }
+    let store = cluster.store();
+    let items: Vec<Value> = store
+        .autoscalers(kind, namespace)
+        .into_iter()
+        .map(|o| {
+            let mut item = o.clone();
+            if !kind.is_custom()
+                && let Some(map) = item.as_object_mut()
+            {
+                map.remove("kind");
+                map.remove("apiVersion");
+            }
+            item
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "kind": format!("{}List", kind.kind()),
+            "apiVersion": kind.api_version(),
+            "metadata": {"resourceVersion": store.resource_version().to_string()},
+            "items": items,
+        }),
+    ))
+}
+
+/// PATCH on an HPA or ScaledObject: JSON merge patch or JSON patch (a custom resource takes no
+/// strategic merge); the name and the server's fields cannot change.
+fn patch_autoscaler(
+    cluster: &Cluster,
+    kind: AutoscalerKind,
+    namespace: &str,
+    name: &str,
+    incoming: &Incoming,
+) -> Reply {
+    let refused = if kind.is_custom() { Status::unsupported_custom_patch_type } else { Status::unsupported_patch_type };
+    let patch_kind = PatchType::from_content_type(incoming.content_type.as_deref()).ok_or_else(refused)?;
+    if kind.is_custom() && patch_kind == PatchType::StrategicMerge {
+        return Err(Status::unsupported_custom_patch_type());
+    }
+    let mut store = cluster.store();
+    let mut doc = store
+        .autoscaler(kind, namespace, name)
+        .cloned()
+        .ok_or_else(|| Status::not_found(kind.group_resource(), name))?;
+    patch::apply(patch_kind, &mut doc, &incoming.body).map_err(|e| Status::bad_request(e.to_string()))?;
+    if incoming.request.query.dry_run {
+        return Ok(json_response(StatusCode::OK, &doc));
+    }
+    let written = store.write_autoscaler(kind, namespace, name, doc)?;
+    Ok(json_response(StatusCode::OK, &written))
 }
 
 fn json_response(code: StatusCode, body: &impl Serialize) -> Response {

@@ -1,9 +1,10 @@
 //! A faithful stand-in for a Kubernetes apiserver, for tests and the local demo stack: apps/v1
 //! Deployments and StatefulSets with their `/scale` subresource, lists and watches,
-//! SelfSubjectAccessReview, bearer-token auth and an RBAC table, a simulated controller, fault
+//! SelfSubjectAccessReview, HorizontalPodAutoscalers and KEDA ScaledObjects, Events, bearer-token auth and an RBAC table, a simulated controller, fault
 //! injection and a request log. It answers with the real server's bodies and omissions.
 
 mod admin;
+mod autoscalers;
 mod cluster;
 mod controller;
 mod faults;
@@ -20,6 +21,7 @@ mod store;
 mod watch;
 mod workload;
 
+pub use autoscalers::{AutoscalerKind, PAUSED_REPLICAS};
 pub use cluster::Cluster;
 pub use controller::ControllerMode;
 pub use faults::Fault;

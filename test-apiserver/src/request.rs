@@ -1,6 +1,7 @@
 //! Reads a method, path and query into what the request targets and the authorizer's view of
 //! it, as the real server's `RequestInfoFactory` does.
 
+use crate::autoscalers::AutoscalerKind;
 use crate::rbac::Attributes;
 use crate::selector::FieldSelector;
 use crate::status::{GroupResource, Refused};
@@ -22,6 +23,11 @@ pub(crate) enum Target {
     AccessReview,
     /// `/apis/events.k8s.io/v1/namespaces/{ns}/events`
     Events { namespace: String },
+    /// `/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers`, or KEDA's
+    /// `/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects`.
+    Autoscalers { kind: AutoscalerKind, namespace: String },
+    /// One of those by name.
+    Autoscaler { kind: AutoscalerKind, namespace: String, name: String },
     /// `/version`, `/api`, `/apis` and the served group versions.
     Discovery(Discovery),
     /// `/healthz`, `/livez`, `/readyz`.
@@ -95,8 +101,8 @@ impl ApiRequest {
         let query = Query::parse(raw_query);
         let target = target(path);
         let verb = match (method, &target) {
-            ("GET" | "HEAD", Target::Collection { .. }) if query.watch => "watch",
-            ("GET" | "HEAD", Target::Collection { .. }) => "list",
+            ("GET" | "HEAD", Target::Collection { .. } | Target::Autoscalers { .. }) if query.watch => "watch",
+            ("GET" | "HEAD", Target::Collection { .. } | Target::Autoscalers { .. }) => "list",
             ("GET" | "HEAD", _) => "get",
             ("PATCH", _) => "patch",
             ("PUT", _) => "update",
@@ -119,6 +125,21 @@ impl ApiRequest {
             }
             Target::Object { kind, namespace, name } => (*kind, namespace.clone(), name.clone(), ""),
             Target::Scale { kind, namespace, name } => (*kind, namespace.clone(), name.clone(), "scale"),
+            Target::Autoscalers { kind, namespace } | Target::Autoscaler { kind, namespace, .. } => {
+                let name = match &self.target {
+                    Target::Autoscaler { name, .. } => name.clone(),
+                    _ => String::new(),
+                };
+                let resource = kind.group_resource();
+                return Some(Attributes {
+                    verb: self.verb.to_owned(),
+                    group: resource.group.to_owned(),
+                    resource: resource.resource.to_owned(),
+                    namespace: namespace.clone(),
+                    name,
+                    ..Attributes::default()
+                });
+            }
             Target::Events { namespace } => {
                 return Some(Attributes {
                     verb: self.verb.to_owned(),
@@ -150,6 +171,7 @@ impl ApiRequest {
                 Some(GroupResource { group: "authorization.k8s.io", resource: "selfsubjectaccessreviews" })
             }
             Target::Events { .. } => Some(EVENTS),
+            Target::Autoscalers { kind, .. } | Target::Autoscaler { kind, .. } => Some(kind.group_resource()),
             _ => None,
         };
         Refused {
@@ -175,6 +197,17 @@ fn target(path: &str) -> Target {
         ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] => Target::AccessReview,
         ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"] if !ns.is_empty() => {
             Target::Events { namespace: (*ns).to_owned() }
+        }
+        ["apis", group, version, "namespaces", ns, plural, rest @ ..]
+            if !ns.is_empty() && AutoscalerKind::from_path(group, version, plural).is_some() =>
+        {
+            let kind = AutoscalerKind::from_path(group, version, plural).unwrap_or(AutoscalerKind::Hpa);
+            let namespace = (*ns).to_owned();
+            match rest {
+                [] => Target::Autoscalers { kind, namespace },
+                [name] if !name.is_empty() => Target::Autoscaler { kind, namespace, name: (*name).to_owned() },
+                _ => Target::Unknown,
+            }
         }
         ["apis", "apps", "v1", plural] => WorkloadKind::from_plural(plural)
             .map_or(Target::Unknown, |kind| Target::Collection { kind, namespace: None }),
@@ -234,6 +267,34 @@ mod tests {
             ("create", "events.k8s.io", "events")
         );
         assert_eq!(attributes.namespace, "bots");
+    }
+
+    #[test]
+    fn autoscalers_are_authorized_in_their_own_groups_and_by_name_when_named() {
+        let list = ApiRequest::parse("GET", "/apis/autoscaling/v2/namespaces/bots/horizontalpodautoscalers", "");
+        let attributes = list.attributes().unwrap();
+        assert_eq!(
+            (
+                attributes.verb.as_str(),
+                attributes.group.as_str(),
+                attributes.resource.as_str(),
+                attributes.name.as_str()
+            ),
+            ("list", "autoscaling", "horizontalpodautoscalers", "")
+        );
+        let patch = ApiRequest::parse("PATCH", "/apis/keda.sh/v1alpha1/namespaces/bots/scaledobjects/worker", "");
+        let attributes = patch.attributes().unwrap();
+        assert_eq!(
+            (
+                attributes.verb.as_str(),
+                attributes.group.as_str(),
+                attributes.resource.as_str(),
+                attributes.name.as_str()
+            ),
+            ("patch", "keda.sh", "scaledobjects", "worker")
+        );
+        let old = ApiRequest::parse("GET", "/apis/autoscaling/v1/namespaces/bots/horizontalpodautoscalers", "");
+        assert_eq!(old.target, Target::Unknown, "only autoscaling/v2 is served");
     }
 
     #[test]

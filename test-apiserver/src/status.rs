@@ -228,6 +228,18 @@ impl Status {
         )
     }
 
+    /// 415 for a PATCH on a custom resource with a content type it does not take: CRDs have
+    /// no strategic merge.
+    pub(crate) fn unsupported_custom_patch_type() -> Self {
+        Self::failure(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: \
+             application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+                .to_owned(),
+        )
+    }
+
     /// 415 for a PUT or POST whose content type is not JSON or YAML.
     pub(crate) fn unsupported_body_type() -> Self {
         Self::failure(

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use crate::autoscalers::AutoscalerKind;
 use crate::controller::{self, ControllerMode, Observed, Rollout};
 use crate::patch;
 use crate::selector::{FieldSelector, LabelSelector};
@@ -116,6 +117,8 @@ pub(crate) struct Store {
     pub mode: ControllerMode,
     /// events.k8s.io Events, as created.
     recorded: Vec<Value>,
+    /// HPAs and ScaledObjects by kind, namespace and name, as a GET returns them.
+    autoscalers: BTreeMap<(AutoscalerKind, String, String), Value>,
 }
 
 impl Store {
@@ -130,6 +133,7 @@ impl Store {
             seed,
             mode,
             recorded: Vec::new(),
+            autoscalers: BTreeMap::new(),
         }
     }
 
@@ -181,6 +185,73 @@ impl Store {
     /// Every Event created so far, oldest first.
     pub(crate) fn recorded_events(&self) -> Vec<Value> {
         self.recorded.clone()
+    }
+
+    /// Creates (or replaces) an autoscaler object with `spec` and `status`.
+    pub(crate) fn put_autoscaler(
+        &mut self,
+        kind: AutoscalerKind,
+        namespace: &str,
+        name: &str,
+        spec: Value,
+        status: Value,
+    ) {
+        self.resource_version += 1;
+        let object = serde_json::json!({
+            "kind": kind.kind(),
+            "apiVersion": kind.api_version(),
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": self.next_uid(),
+                "resourceVersion": self.resource_version.to_string(),
+                "generation": 1,
+                "creationTimestamp": now().to_string(),
+            },
+            "spec": spec,
+            "status": status,
+        });
+        self.autoscalers.insert((kind, namespace.to_owned(), name.to_owned()), object);
+    }
+
+    /// An autoscaler object, as a GET returns it.
+    pub(crate) fn autoscaler(&self, kind: AutoscalerKind, namespace: &str, name: &str) -> Option<&Value> {
+        self.autoscalers.get(&(kind, namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The autoscaler objects of `kind` in `namespace`, sorted by name.
+    pub(crate) fn autoscalers(&self, kind: AutoscalerKind, namespace: &str) -> Vec<&Value> {
+        self.autoscalers.iter().filter(|((k, ns, _), _)| *k == kind && ns == namespace).map(|(_, v)| v).collect()
+    }
+
+    /// Replaces an autoscaler object by `candidate`, keeping the fields the server owns: a
+    /// write that changes nothing keeps its resourceVersion, a spec change bumps `generation`.
+    pub(crate) fn write_autoscaler(
+        &mut self,
+        kind: AutoscalerKind,
+        namespace: &str,
+        name: &str,
+        mut candidate: Value,
+    ) -> Result<Value, Status> {
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        let current = self.autoscalers.get(&key).ok_or_else(|| Status::not_found(kind.group_resource(), name))?;
+        for field in ["name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp"] {
+            candidate["metadata"][field] = current["metadata"][field].clone();
+        }
+        candidate["kind"] = current["kind"].clone();
+        candidate["apiVersion"] = current["apiVersion"].clone();
+        candidate["status"] = current["status"].clone();
+        if candidate == *current {
+            return Ok(candidate);
+        }
+        if candidate["spec"] != current["spec"] {
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+            candidate["metadata"]["generation"] = generation.into();
+        }
+        self.resource_version += 1;
+        candidate["metadata"]["resourceVersion"] = self.resource_version.to_string().into();
+        self.autoscalers.insert(key, candidate.clone());
+        Ok(candidate)
     }
 
     pub(crate) fn get(&self, key: &Key) -> Option<&Workload> {

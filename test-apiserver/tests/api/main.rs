@@ -1,6 +1,7 @@
 //! End-to-end tests: the server on a real socket, driven by kube-rs and by raw HTTP.
 
 mod admin;
+mod autoscalers;
 mod bodies;
 mod controller;
 mod events;
