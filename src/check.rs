@@ -79,9 +79,9 @@ async fn kubernetes_checks(config: &Config) -> Vec<CheckLine> {
         let review = match scaler.access_review(t).await {
             Ok(answers) => {
                 let missing: Vec<String> =
-                    answers.iter().filter(|(_, _, allowed)| !allowed).map(|(v, r, _)| format!("{v} {r}")).collect();
+                    answers.iter().filter(|(_, allowed)| !allowed).map(|(p, _)| p.to_string()).collect();
                 if missing.is_empty() {
-                    let granted: Vec<String> = answers.iter().map(|(v, r, _)| format!("{v} {r}")).collect();
+                    let granted: Vec<String> = answers.iter().map(|(p, _)| p.to_string()).collect();
                     Ok(format!("allowed: {}", granted.join(", ")))
                 } else {
                     Err(format!(
@@ -94,6 +94,14 @@ async fn kubernetes_checks(config: &Config) -> Vec<CheckLine> {
             Err(e) => Err(e.to_string()),
         };
         lines.push(line(&format!("permissions {}", t.name), review));
+        if t.autoscaler.is_some() {
+            let autoscaler = match scaler.autoscaler(t).await {
+                Ok(Some(state)) => Ok(crate::replies::autoscaler_status(&state)),
+                Ok(None) => Ok(String::new()),
+                Err(e) => Err(e.to_string()),
+            };
+            lines.push(line(&format!("autoscaler {}", t.name), autoscaler));
+        }
     }
     lines
 }

@@ -63,6 +63,12 @@ pub fn drift(last: Option<i32>, wrote: Option<i32>, now: &Observed) -> Option<Dr
     (!ours).then(|| Drift { from: last, to: now.replicas, manager: now.manager.clone(), at_ms: now.at_ms })
 }
 
+/// Whether a change someone else made is worth a notice: beside an autoscaler (`autoscaled`),
+/// whose job is to move the count, only a switch on or off (a change to or from zero) is.
+pub fn is_news(change: &Drift, autoscaled: bool) -> bool {
+    !autoscaled || change.from == 0 || change.to == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +116,14 @@ mod tests {
         let unknown = Observed { replicas: 2, manager: None, at_ms: None };
         assert_eq!(drift(Some(0), Some(2), &unknown), None, "what we wrote");
         assert!(drift(Some(0), Some(1), &unknown).is_some(), "not what we wrote");
+    }
+
+    #[test]
+    fn beside_an_autoscaler_only_a_switch_on_or_off_is_news() {
+        let change = |from, to| Drift { from, to, manager: Some("kube-controller-manager".into()), at_ms: None };
+        assert!(is_news(&change(2, 4), false));
+        assert!(!is_news(&change(2, 4), true), "the HPA moving 2 → 4 is its job");
+        assert!(is_news(&change(0, 3), true), "switched back on while stopped");
+        assert!(is_news(&change(3, 0), true), "switched off");
     }
 }

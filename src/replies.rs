@@ -11,7 +11,7 @@ use crate::{
     config::Target,
     crypto::{Approval, CryptoError},
     policy::{Refusal, TrustRefusal},
-    scaler::{State, WorkloadStatus},
+    scaler::{AutoscalerState, KEDA_PAUSED_REPLICAS, ScaleError, State, WorkloadStatus},
 };
 
 /// How often a refusal that is not a reply to one person (strangers, plaintext) is said at most.
@@ -261,6 +261,51 @@ pub fn status_until(until: &str) -> String {
 /// What `status` adds for a schedule: `; the schedule switches it off 19:00`.
 pub fn status_schedule(switch: Switch, at_text: &str) -> String {
     format!("; the schedule switches it {} {at_text}", switch.as_str())
+}
+
+/// What an autoscaler beside the bridge is doing, as `status` and `check` say it.
+pub fn autoscaler_status(state: &AutoscalerState) -> String {
+    match state {
+        AutoscalerState::Hpa { name, min, max } => {
+            format!("HPA {name} scales it between {min} and {max} replicas (it rests while the workload is at 0)")
+        }
+        AutoscalerState::NoHpa => "no HorizontalPodAutoscaler targets it".into(),
+        AutoscalerState::Keda { name, paused: Some(at), .. } => {
+            format!("KEDA ScaledObject {name} is paused at {at} replicas ({KEDA_PAUSED_REPLICAS})")
+        }
+        AutoscalerState::Keda { name, min, max, paused: None } => {
+            format!("KEDA ScaledObject {name} scales it between {min} and {max} replicas")
+        }
+    }
+}
+
+/// What `status` adds for an autoscaler: `; HPA web scales it between 1 and 5 replicas …`.
+pub fn status_autoscaler(state: &Result<Option<AutoscalerState>, ScaleError>) -> String {
+    match state {
+        Ok(Some(state)) => format!("; {}", autoscaler_status(state)),
+        Ok(None) => String::new(),
+        Err(e) => format!("; ⚠️ its autoscaler is unreadable: {e}"),
+    }
+}
+
+/// What a stop (`up` false) or start adds about the autoscaler it paused or handed back to.
+pub fn autoscaler_after(state: &Result<Option<AutoscalerState>, ScaleError>, up: bool) -> String {
+    match (state, up) {
+        (Ok(None | Some(AutoscalerState::NoHpa)), _) => String::new(),
+        (Ok(Some(AutoscalerState::Hpa { name, .. })), false) => {
+            format!(" HPA {name} rests while it is at 0 (an HPA does not scale from zero); `start` hands it back.")
+        }
+        (Ok(Some(AutoscalerState::Hpa { name, min, max })), true) => {
+            format!(" HPA {name} scales it from here ({min}–{max} replicas).")
+        }
+        (Ok(Some(AutoscalerState::Keda { name, .. })), false) => {
+            format!(" KEDA ScaledObject {name} is paused at 0 so it does not scale it back up; `start` resumes it.")
+        }
+        (Ok(Some(AutoscalerState::Keda { name, min, max, .. })), true) => {
+            format!(" KEDA ScaledObject {name} is resumed and scales it from here ({min}–{max} replicas).")
+        }
+        (Err(e), _) => format!(" ⚠️ Its autoscaler is unreadable: {e}."),
+    }
 }
 
 /// What `status` adds when the timers could not be read.

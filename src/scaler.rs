@@ -8,11 +8,12 @@ use futures_util::StreamExt;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
     authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
+    autoscaling::v2::HorizontalPodAutoscaler,
     core::v1::ObjectReference,
 };
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+    api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams},
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
         watcher,
@@ -20,7 +21,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::config::{Target, WorkloadKind};
+use crate::config::{Autoscaler, Target, WorkloadKind};
 
 /// The field manager our patches are recorded under.
 pub const FIELD_MANAGER: &str = "matrix-k8s-toggle";
@@ -43,7 +44,8 @@ pub trait ReplicaMemory: Send + Sync {
 pub enum ScaleError {
     /// The ServiceAccount lacks a permission.
     #[error(
-        "the bridge's ServiceAccount may not {verb} {resource} in namespace {namespace}: grant `{verb}` on `{resource}` (resourceNames: [{name}]) in its Role"
+        "the bridge's ServiceAccount may not {verb} {resource} in namespace {namespace}: grant `{verb}` on `{resource}`{names} in its Role",
+        names = name.as_ref().map(|n| format!(" (resourceNames: [{n}])")).unwrap_or_default()
     )]
     Forbidden {
         /// The verb.
@@ -52,7 +54,17 @@ pub enum ScaleError {
         resource: String,
         /// The namespace.
         namespace: String,
-        /// The object's name.
+        /// The object's name, where the permission can be limited to one.
+        name: Option<String>,
+    },
+    /// The KEDA ScaledObject named for the target does not exist.
+    #[error(
+        "KEDA ScaledObject {namespace}/{name} does not exist: check the target's `scaled_object` (or remove `autoscaler: keda`); nothing was changed"
+    )]
+    NoScaledObject {
+        /// The namespace.
+        namespace: String,
+        /// The ScaledObject's name.
         name: String,
     },
     /// The workload does not exist.
@@ -163,6 +175,81 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The KEDA annotation that holds a ScaledObject at a replica count while it is set.
+pub const KEDA_PAUSED_REPLICAS: &str = "autoscaling.keda.sh/paused-replicas";
+
+/// What an autoscaler beside the bridge is doing, as read from its object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoscalerState {
+    /// A HorizontalPodAutoscaler targets the workload.
+    Hpa {
+        /// Its name.
+        name: String,
+        /// `spec.minReplicas` (1 when omitted).
+        min: i32,
+        /// `spec.maxReplicas`.
+        max: i32,
+    },
+    /// No HorizontalPodAutoscaler in the namespace targets the workload.
+    NoHpa,
+    /// The KEDA ScaledObject of the target.
+    Keda {
+        /// Its name.
+        name: String,
+        /// `spec.minReplicaCount` (0 when omitted).
+        min: i32,
+        /// `spec.maxReplicaCount` (100 when omitted).
+        max: i32,
+        /// The count it is paused at, if the annotation is set.
+        paused: Option<String>,
+    },
+}
+
+/// What a request is about, for the error a person reads when it fails.
+#[derive(Debug, Clone, Copy)]
+enum Subject<'a> {
+    /// The workload, or (`"/scale"`) its subresource.
+    Workload(&'static str),
+    /// The namespace's HorizontalPodAutoscalers.
+    Hpas,
+    /// The named ScaledObject.
+    ScaledObject(&'a str),
+    /// A SelfSubjectAccessReview.
+    Review,
+}
+
+impl Subject<'_> {
+    fn resource(self, t: &Target) -> String {
+        match self {
+            Subject::Workload(sub) => format!("{}{sub}", plural(t.kind)),
+            Subject::Hpas => HPAS.into(),
+            Subject::ScaledObject(_) => SCALED_OBJECTS.into(),
+            Subject::Review => "selfsubjectaccessreviews".into(),
+        }
+    }
+
+    fn name(self, t: &Target) -> Option<String> {
+        match self {
+            Subject::Workload(_) => Some(t.workload.clone()),
+            Subject::ScaledObject(name) => Some(name.to_owned()),
+            Subject::Hpas | Subject::Review => None,
+        }
+    }
+}
+
+const HPAS: &str = "horizontalpodautoscalers";
+const SCALED_OBJECTS: &str = "scaledobjects";
+
+fn scaled_object_resource() -> ApiResource {
+    ApiResource {
+        group: "keda.sh".into(),
+        version: "v1alpha1".into(),
+        api_version: "keda.sh/v1alpha1".into(),
+        kind: "ScaledObject".into(),
+        plural: SCALED_OBJECTS.into(),
+    }
+}
+
 /// Scales targets.
 #[derive(Clone)]
 pub struct Scaler {
@@ -218,34 +305,66 @@ fn workload_status(kind: WorkloadKind, object: &DynamicObject) -> Option<Workloa
     }
 }
 
-/// The permissions the scaler uses: (verb, resource with subresource). Writes go only to the
-/// `/scale` subresource, which can change nothing but the replica count: no `patch` or
-/// `update` on the workload itself, whose pod template a compromised bridge could rewrite.
-pub fn permissions_needed(kind: WorkloadKind) -> [(&'static str, &'static str); 5] {
-    match kind {
-        WorkloadKind::Deployment => [
-            ("get", "deployments/scale"),
-            ("patch", "deployments/scale"),
-            ("get", "deployments"),
-            ("list", "deployments"),
-            ("watch", "deployments"),
-        ],
-        WorkloadKind::StatefulSet => [
-            ("get", "statefulsets/scale"),
-            ("patch", "statefulsets/scale"),
-            ("get", "statefulsets"),
-            ("list", "statefulsets"),
-            ("watch", "statefulsets"),
-        ],
+/// One permission the bridge uses.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Permission {
+    /// The verb.
+    pub verb: &'static str,
+    /// The API group (`apps`, `events.k8s.io`, `autoscaling`, `keda.sh`).
+    pub group: &'static str,
+    /// The resource, with its subresource after `/`.
+    pub resource: &'static str,
+    /// The one object it is limited to, where RBAC can name one (`resourceNames`).
+    pub name: Option<String>,
+}
+
+impl Permission {
+    fn new(verb: &'static str, group: &'static str, resource: &'static str, name: Option<&str>) -> Self {
+        Permission { verb, group, resource, name: name.map(str::to_owned) }
     }
 }
 
-/// The one permission outside the workload's API group: `create` on events.k8s.io Events in
-/// its namespace, for the audit trail ([`Scaler::record`]). Event names are generated, so it
-/// cannot be narrowed to a name.
-pub const EVENT_PERMISSION: (&str, &str) = ("create", "events");
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.verb, self.resource)
+    }
+}
 
-/// The API group of [`EVENT_PERMISSION`].
+/// Every permission the bridge uses for `t`, and no more: the workload's (writes go only to
+/// the `/scale` subresource, which can change nothing but the replica count: no `patch` or
+/// `update` on the workload itself, whose pod template a compromised bridge could rewrite),
+/// the audit trail's `create` on Events, and what its autoscaler needs: `list` on the
+/// namespace's HorizontalPodAutoscalers to find the one that targets it, or `get` and `patch`
+/// on its one KEDA ScaledObject.
+pub fn permissions_needed(t: &Target) -> Vec<Permission> {
+    let (scale, workloads) = match t.kind {
+        WorkloadKind::Deployment => ("deployments/scale", "deployments"),
+        WorkloadKind::StatefulSet => ("statefulsets/scale", "statefulsets"),
+    };
+    // NB: named for list and watch too: the rollout watch pins the object with a
+    // metadata.name field selector, which RBAC matches against resourceNames.
+    let name = Some(t.workload.as_str());
+    let mut needed = vec![
+        Permission::new("get", "apps", scale, name),
+        Permission::new("patch", "apps", scale, name),
+        Permission::new("get", "apps", workloads, name),
+        Permission::new("list", "apps", workloads, name),
+        Permission::new("watch", "apps", workloads, name),
+        // NB: Event names are generated, so this cannot be narrowed to a name.
+        Permission::new("create", EVENTS_GROUP, "events", None),
+    ];
+    match &t.autoscaler {
+        None => {}
+        Some(Autoscaler::Hpa) => needed.push(Permission::new("list", "autoscaling", HPAS, None)),
+        Some(Autoscaler::Keda { scaled_object }) => {
+            needed.push(Permission::new("get", "keda.sh", SCALED_OBJECTS, Some(scaled_object)));
+            needed.push(Permission::new("patch", "keda.sh", SCALED_OBJECTS, Some(scaled_object)));
+        }
+    }
+    needed
+}
+
+/// The API group of the audit trail's Events.
 pub const EVENTS_GROUP: &str = "events.k8s.io";
 
 /// The reason of the Event recorded for a scale asked for in chat.
@@ -270,12 +389,18 @@ impl Scaler {
         Ok(Self::new(client, retry))
     }
 
-    async fn retrying<T, F, Fut>(&self, target: &Target, verb: &'static str, sub: &str, f: F) -> Result<T, ScaleError>
+    async fn retrying<T, F, Fut>(
+        &self,
+        target: &Target,
+        verb: &'static str,
+        subject: Subject<'_>,
+        f: F,
+    ) -> Result<T, ScaleError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
-        let resource = format!("{}{sub}", plural(target.kind));
+        let resource = subject.resource(target);
         let mut delay = self.retry.first_delay;
         let mut attempt = 1;
         loop {
@@ -284,7 +409,7 @@ impl Scaler {
                 Err(e) => {
                     let transient = is_transient(&e);
                     if !transient || attempt >= self.retry.attempts {
-                        return Err(classify(e, target, verb, &resource, attempt));
+                        return Err(classify(e, target, verb, subject, attempt));
                     }
                     tracing::debug!(attempt, error = %e, verb, resource = %resource, "transient Kubernetes error; retrying");
                     tokio::time::sleep(delay).await;
@@ -302,7 +427,7 @@ impl Scaler {
 
     async fn spec_replicas(&self, t: &Target) -> Result<i32, ScaleError> {
         let api = self.api(t);
-        let scale = self.retrying(t, "get", "/scale", || api.get_scale(&t.workload)).await?;
+        let scale = self.retrying(t, "get", Subject::Workload("/scale"), || api.get_scale(&t.workload)).await?;
         // NB: the API omits spec.replicas when it is 0.
         Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0))
     }
@@ -311,13 +436,14 @@ impl Scaler {
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         let patch = Patch::Merge(json!({ "spec": { "replicas": replicas } }));
         let api = self.api(t);
-        self.retrying(t, "patch", "/scale", || api.patch_scale(&t.workload, &params, &patch)).await?;
+        self.retrying(t, "patch", Subject::Workload("/scale"), || api.patch_scale(&t.workload, &params, &patch))
+            .await?;
         Ok(())
     }
 
     async fn object(&self, t: &Target) -> Result<DynamicObject, ScaleError> {
         let api = self.api(t);
-        self.retrying(t, "get", "", || api.get(&t.workload)).await
+        self.retrying(t, "get", Subject::Workload(""), || api.get(&t.workload)).await
     }
 
     /// Scales up: to `replicas`, else to the count `memory` kept at the last stop (or, for a
@@ -330,6 +456,10 @@ impl Scaler {
         memory: &dyn ReplicaMemory,
     ) -> Result<Change, ScaleError> {
         let current = self.spec_replicas(t).await?;
+        // NB: resumed before the scale, so KEDA's own count does not undo it afterwards.
+        if let Some(Autoscaler::Keda { scaled_object }) = &t.autoscaler {
+            self.pause_keda(t, scaled_object, None).await?;
+        }
         let wanted = match replicas {
             Some(n) => n,
             None if current > 0 => return Ok(Change::Unchanged { replicas: current }),
@@ -356,15 +486,74 @@ impl Scaler {
         Ok(Change::Scaled { from: current, to: wanted })
     }
 
-    /// Scales to zero, first keeping the current count in `memory`.
+    /// Scales to zero, first keeping the current count in `memory`. A KEDA ScaledObject is
+    /// paused at zero first, so that KEDA holds it there instead of scaling it back up.
     pub async fn stop(&self, t: &Target, memory: &dyn ReplicaMemory) -> Result<Change, ScaleError> {
         let current = self.spec_replicas(t).await?;
+        // NB: the count is kept before anything changes, KEDA included (paused at 0, it would
+        // scale the workload down by itself).
+        if current > 0 {
+            memory.remember(t, current).map_err(ScaleError::Memory)?;
+        }
+        if let Some(Autoscaler::Keda { scaled_object }) = &t.autoscaler {
+            self.pause_keda(t, scaled_object, Some(0)).await?;
+        }
         if current == 0 {
             return Ok(Change::Unchanged { replicas: 0 });
         }
-        memory.remember(t, current).map_err(ScaleError::Memory)?;
         self.patch_scale(t, 0).await?;
         Ok(Change::Scaled { from: current, to: 0 })
+    }
+
+    /// Sets (`Some`) or removes (`None`) the KEDA annotation that holds the ScaledObject
+    /// `name` at a replica count. Removing an absent one changes nothing.
+    async fn pause_keda(&self, t: &Target, name: &str, at: Option<i32>) -> Result<(), ScaleError> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &t.namespace, &scaled_object_resource());
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        let value = at.map(|n| n.to_string());
+        let patch = Patch::Merge(json!({ "metadata": { "annotations": { KEDA_PAUSED_REPLICAS: value } } }));
+        self.retrying(t, "patch", Subject::ScaledObject(name), || api.patch(name, &params, &patch)).await?;
+        Ok(())
+    }
+
+    /// What the target's autoscaler (if it names one) is doing: the HorizontalPodAutoscaler
+    /// that targets the workload, or its KEDA ScaledObject.
+    pub async fn autoscaler(&self, t: &Target) -> Result<Option<AutoscalerState>, ScaleError> {
+        match &t.autoscaler {
+            None => Ok(None),
+            Some(Autoscaler::Hpa) => {
+                let api: Api<HorizontalPodAutoscaler> = Api::namespaced(self.client.clone(), &t.namespace);
+                let params = ListParams::default();
+                let list = self.retrying(t, "list", Subject::Hpas, || api.list(&params)).await?;
+                let kind = t.kind.to_string();
+                let hpa = list.items.into_iter().find_map(|hpa| {
+                    let spec = hpa.spec?;
+                    let target = &spec.scale_target_ref;
+                    let apps = target.api_version.as_deref().is_none_or(|v| v.starts_with("apps/"));
+                    (apps && target.kind == kind && target.name == t.workload).then(|| AutoscalerState::Hpa {
+                        name: hpa.metadata.name.unwrap_or_default(),
+                        min: spec.min_replicas.unwrap_or(1),
+                        max: spec.max_replicas,
+                    })
+                });
+                Ok(Some(hpa.unwrap_or(AutoscalerState::NoHpa)))
+            }
+            Some(Autoscaler::Keda { scaled_object }) => {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &t.namespace, &scaled_object_resource());
+                let object =
+                    self.retrying(t, "get", Subject::ScaledObject(scaled_object), || api.get(scaled_object)).await?;
+                let spec = &object.data["spec"];
+                let count = |field: &str, default: i32| spec[field].as_i64().map_or(default, |n| n as i32);
+                Ok(Some(AutoscalerState::Keda {
+                    name: scaled_object.clone(),
+                    min: count("minReplicaCount", 0),
+                    max: count("maxReplicaCount", 100),
+                    paused: object.metadata.annotations.unwrap_or_default().remove(KEDA_PAUSED_REPLICAS),
+                }))
+            }
+        }
     }
 
     /// The workload's state and counts.
@@ -420,46 +609,41 @@ impl Scaler {
             action: "Scale".into(),
             secondary: None,
         };
-        recorder
-            .publish(&event, &reference)
-            .await
-            .map_err(|e| classify(e, t, EVENT_PERMISSION.0, EVENT_PERMISSION.1, 1))
+        recorder.publish(&event, &reference).await.map_err(|e| match e {
+            kube::Error::Api(status) if status.code == 403 => ScaleError::Forbidden {
+                verb: "create",
+                resource: "events".into(),
+                namespace: t.namespace.clone(),
+                name: None,
+            },
+            other => classify(other, t, "create", Subject::Workload(""), 1),
+        })
     }
 
-    /// Asks the API server (SelfSubjectAccessReview) about every permission the scaler uses,
-    /// and the audit trail's. Returns (verb, resource, allowed) for each.
-    pub async fn access_review(&self, t: &Target) -> Result<Vec<(&'static str, &'static str, bool)>, ScaleError> {
-        // NB: named for list and watch too: the rollout watch pins the object with a
-        // metadata.name field selector, which RBAC matches against resourceNames.
-        let workload = permissions_needed(t.kind).map(|(verb, resource)| (verb, resource, "apps", Some(&t.workload)));
-        let event = (EVENT_PERMISSION.0, EVENT_PERMISSION.1, EVENTS_GROUP, None);
+    /// Asks the API server (SelfSubjectAccessReview) about every permission the bridge uses
+    /// for `t` ([`permissions_needed`]). Returns each with whether it is granted.
+    pub async fn access_review(&self, t: &Target) -> Result<Vec<(Permission, bool)>, ScaleError> {
         let mut out = Vec::new();
-        for (verb, resource, group, name) in workload.into_iter().chain([event]) {
-            out.push((verb, resource, self.allowed(t, verb, group, resource, name).await?));
+        for permission in permissions_needed(t) {
+            let allowed = self.allowed(t, &permission).await?;
+            out.push((permission, allowed));
         }
         Ok(out)
     }
 
-    /// Whether the API server lets us `verb` on `resource` (with its subresource after `/`) in
-    /// `group`, in `t`'s namespace, on the object `name` if given.
-    async fn allowed(
-        &self,
-        t: &Target,
-        verb: &str,
-        group: &str,
-        resource: &str,
-        name: Option<&String>,
-    ) -> Result<bool, ScaleError> {
-        let (resource, subresource) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s)));
+    /// Whether the API server grants `permission` in `t`'s namespace.
+    async fn allowed(&self, t: &Target, permission: &Permission) -> Result<bool, ScaleError> {
+        let Permission { verb, group, resource, name } = permission;
+        let (resource, subresource) = resource.split_once('/').map_or((*resource, None), |(r, s)| (r, Some(s)));
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
                     namespace: Some(t.namespace.clone()),
-                    verb: Some(verb.into()),
-                    group: Some(group.into()),
+                    verb: Some((*verb).into()),
+                    group: Some((*group).into()),
                     resource: Some(resource.into()),
                     subresource: subresource.map(str::to_owned),
-                    name: name.cloned(),
+                    name: name.clone(),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -468,7 +652,7 @@ impl Scaler {
         };
         let api: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
         let post = PostParams::default();
-        let answer = self.retrying(t, "create", "", || api.create(&post, &review)).await?;
+        let answer = self.retrying(t, "create", Subject::Review, || api.create(&post, &review)).await?;
         Ok(answer.status.is_some_and(|s| s.allowed))
     }
 }
@@ -485,16 +669,21 @@ fn is_transient(e: &kube::Error) -> bool {
     }
 }
 
-fn classify(e: kube::Error, t: &Target, verb: &'static str, resource: &str, attempts: u32) -> ScaleError {
+fn classify(e: kube::Error, t: &Target, verb: &'static str, subject: Subject<'_>, attempts: u32) -> ScaleError {
     match e {
         kube::Error::Api(status) => match status.code {
             403 => ScaleError::Forbidden {
                 verb,
-                resource: resource.to_owned(),
+                resource: subject.resource(t),
                 namespace: t.namespace.clone(),
-                name: t.workload.clone(),
+                name: subject.name(t),
             },
-            404 => ScaleError::NotFound { kind: t.kind, namespace: t.namespace.clone(), name: t.workload.clone() },
+            404 => match subject {
+                Subject::ScaledObject(name) => {
+                    ScaleError::NoScaledObject { namespace: t.namespace.clone(), name: name.to_owned() }
+                }
+                _ => ScaleError::NotFound { kind: t.kind, namespace: t.namespace.clone(), name: t.workload.clone() },
+            },
             401 => ScaleError::Unauthorized,
             422 | 400 => ScaleError::Invalid(status.message),
             409 | 429 | 500..=599 => ScaleError::Unavailable(format!("{} {}", status.code, status.reason), attempts),

@@ -17,14 +17,14 @@ use k8s_openapi::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Container, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
-        rbac::v1::{Role, RoleBinding},
+        rbac::v1::{PolicyRule, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use matrix_k8s_toggle::{
-    config::{Config, WorkloadKind},
+    config::{Autoscaler, Config, Target, WorkloadKind},
     registration::Registration,
-    scaler::{EVENT_PERMISSION, EVENTS_GROUP, permissions_needed},
+    scaler::{EVENTS_GROUP, permissions_needed},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_yaml::Value;
@@ -355,30 +355,105 @@ fn every_object_is_a_kubernetes_type_without_unknown_fields() {
     }
 }
 
-#[test]
-fn the_role_grants_exactly_what_the_scaler_uses() {
-    let role: Role = Manifests::from_resource_files().one();
+/// One permission, as RBAC grants it: API group, verb, resource, and the one object it is
+/// limited to (`None`: any).
+type Grant = (String, String, String, Option<String>);
+
+/// Every permission `rules` grant, one per name in `resourceNames`, and how many times one is
+/// granted in all (a permission granted twice counts twice).
+fn grants(rules: &[PolicyRule]) -> (BTreeSet<Grant>, usize) {
     let mut granted = BTreeSet::new();
     let mut count = 0;
-    for rule in role.rules.unwrap_or_default() {
+    for rule in rules {
         let groups = rule.api_groups.clone().unwrap_or_default();
         assert_eq!(groups.len(), 1, "one API group per rule: {groups:?}");
         assert!(rule.non_resource_urls.is_none(), "no nonResourceURLs");
+        let names = match &rule.resource_names {
+            None => vec![None],
+            Some(names) => names.iter().cloned().map(Some).collect(),
+        };
         for verb in &rule.verbs {
             for resource in rule.resources.as_deref().unwrap_or_default() {
                 assert!(!verb.contains('*') && !resource.contains('*'), "no wildcards: {verb} {resource}");
-                granted.insert((groups[0].clone(), verb.clone(), resource.clone()));
-                count += 1;
+                for name in &names {
+                    granted.insert((groups[0].clone(), verb.clone(), resource.clone(), name.clone()));
+                    count += 1;
+                }
             }
         }
     }
-    let mut needed: BTreeSet<(String, String, String)> = permissions_needed(WorkloadKind::Deployment)
+    (granted, count)
+}
+
+/// What the bridge uses for `t`, as RBAC grants it.
+fn needed(t: &Target) -> BTreeSet<Grant> {
+    permissions_needed(t)
+        .into_iter()
+        .map(|p| (p.group.to_owned(), p.verb.to_owned(), p.resource.to_owned(), p.name))
+        .collect()
+}
+
+/// The one target deploy/configmap.yaml configures.
+fn deployed_target(m: &Manifests) -> Target {
+    let env = environment(m);
+    Target::deployment(&env["DEPLOYMENT_NAME"], &env["DEPLOYMENT_NAMESPACE"])
+}
+
+/// The rules deploy/rbac.yaml offers, commented out, for targets beside an autoscaler: each
+/// `#- ` line starts one, and the `#  ` lines after it continue it.
+fn commented_rules() -> Vec<PolicyRule> {
+    let text = read(&deploy_dir().join("rbac.yaml"));
+    let mut rules: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim_start().strip_prefix('#') else { continue };
+        if rest.starts_with("- ") {
+            rules.push(format!("{rest}\n"));
+        } else if let Some(rule) = rules.last_mut().filter(|_| rest.starts_with("  ") && !rest.trim().is_empty()) {
+            rule.push_str(rest);
+            rule.push('\n');
+        }
+    }
+    rules
         .iter()
-        .map(|(verb, resource)| ("apps".to_owned(), verb.to_string(), resource.to_string()))
-        .collect();
-    needed.insert((EVENTS_GROUP.to_owned(), EVENT_PERMISSION.0.to_owned(), EVENT_PERMISSION.1.to_owned()));
+        .map(|r| {
+            let mut list: Vec<PolicyRule> =
+                serde_yaml::from_str(r).unwrap_or_else(|e| panic!("a commented rule in deploy/rbac.yaml: {e}\n{r}"));
+            list.pop().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_role_grants_exactly_what_the_configured_target_needs() {
+    let m = Manifests::from_resource_files();
+    let role: Role = m.one();
+    let (granted, count) = grants(&role.rules.unwrap_or_default());
+    let needed = needed(&deployed_target(&m));
     assert_eq!(granted, needed, "the Role must grant exactly what the scaler and the audit trail use");
     assert_eq!(count, needed.len(), "a permission is granted twice");
+}
+
+#[test]
+fn the_commented_autoscaler_rules_grant_exactly_what_each_autoscaler_adds() {
+    let m = Manifests::from_resource_files();
+    let role: Role = m.one();
+    let rules = role.rules.unwrap_or_default();
+    let target = deployed_target(&m);
+    let optional = commented_rules();
+    assert_eq!(optional.len(), 2, "one commented rule for HPAs, one for KEDA");
+    let for_group = |group: &str| {
+        let rule = optional.iter().find(|r| r.api_groups.as_deref() == Some(&[group.to_owned()][..]));
+        let mut with = rules.clone();
+        with.push(rule.unwrap_or_else(|| panic!("no commented rule for {group}")).clone());
+        grants(&with)
+    };
+    let scaled_object = target.workload.clone();
+    for (group, autoscaler) in [("autoscaling", Autoscaler::Hpa), ("keda.sh", Autoscaler::Keda { scaled_object })] {
+        let (granted, count) = for_group(group);
+        let needed = needed(&target.clone().with_autoscaler(autoscaler.clone()));
+        assert_eq!(granted, needed, "the Role with the {group} rule uncommented, against {autoscaler:?}");
+        assert_eq!(count, needed.len(), "a permission is granted twice with the {group} rule");
+    }
 }
 
 #[test]
@@ -400,30 +475,49 @@ fn the_role_cannot_write_the_workload_object_itself_only_its_scale() {
             }
         }
     }
+    let keda = Autoscaler::Keda { scaled_object: "clawdbot".into() };
     for kind in [WorkloadKind::Deployment, WorkloadKind::StatefulSet] {
-        for (verb, resource) in permissions_needed(kind) {
-            assert!(verb != "patch" || resource.ends_with("/scale"), "the scaler needs `{verb}` on `{resource}`");
+        for autoscaler in [None, Some(Autoscaler::Hpa), Some(keda.clone())] {
+            let mut t = Target::deployment("clawdbot", "clawdbot").with_kind(kind);
+            t.autoscaler = autoscaler;
+            for p in permissions_needed(&t) {
+                if p.group == "apps" {
+                    assert!(p.verb != "patch" || p.resource.ends_with("/scale"), "the scaler needs `{p}`");
+                }
+                if p.verb == "patch" {
+                    assert!(p.name.is_some(), "`{p}` must name its one object");
+                }
+            }
         }
     }
 }
 
 #[test]
-fn every_rule_names_the_target() {
+fn the_role_is_in_the_targets_namespace_and_every_rule_that_can_name_it_does() {
     let m = Manifests::from_resource_files();
     let role: Role = m.one();
-    let env = environment(&m);
-    assert_eq!(role.metadata.namespace.as_deref(), Some(env["DEPLOYMENT_NAMESPACE"].as_str()), "the Role's namespace");
+    let target = deployed_target(&m);
+    assert_eq!(role.metadata.namespace.as_deref(), Some(target.namespace.as_str()), "the Role's namespace");
+    let unnamed: BTreeSet<(String, String, String)> = needed(&target)
+        .into_iter()
+        .filter(|g| g.3.is_none())
+        .map(|(group, verb, resource, _)| (group, verb, resource))
+        .collect();
+    // NB: Event names are generated: the audit trail's `create` cannot name one.
+    assert_eq!(
+        unnamed,
+        BTreeSet::from([(EVENTS_GROUP.to_owned(), "create".to_owned(), "events".to_owned())]),
+        "only creating Events is granted without a name"
+    );
     for rule in role.rules.unwrap_or_default() {
-        // NB: Event names are generated: the audit trail's `create` cannot name one.
-        if rule.resources.as_deref() == Some(&[EVENT_PERMISSION.1.to_owned()][..]) {
-            assert_eq!(rule.verbs, [EVENT_PERMISSION.0], "only create on events");
+        if rule.api_groups.as_deref() == Some(&[EVENTS_GROUP.to_owned()][..]) {
             continue;
         }
         // NB: list and watch too: the rollout watch pins the object with a metadata.name field
         // selector, and `check` names it in every access review.
         assert_eq!(
             rule.resource_names,
-            Some(vec![env["DEPLOYMENT_NAME"].clone()]),
+            Some(vec![target.workload.clone()]),
             "{:?} on {:?}",
             rule.verbs,
             rule.resources

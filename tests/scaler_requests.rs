@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use http::{Request, Response};
 use kube::{Client, client::Body};
 use matrix_k8s_toggle::{
-    config::{Target, WorkloadKind},
+    config::{Autoscaler, Target, WorkloadKind},
     scaler::{Change, ReplicaMemory, RetryPolicy, ScaleError, Scaler},
 };
 use serde_json::{Value, json};
@@ -316,5 +316,76 @@ async fn unavailable_answers_are_reported_after_the_last_attempt() {
     let api = serve(handle, vec![fail(), fail(), fail()]);
     let err = scaler.stop(&target(WorkloadKind::Deployment), &Memory::default()).await.unwrap_err();
     assert!(matches!(err, ScaleError::Unavailable(_, 3)), "{err:?}");
+    api.await.unwrap();
+}
+
+const SCALED_OBJECT: &str = "/apis/keda.sh/v1alpha1/namespaces/clawdbot/scaledobjects/agent-so";
+
+fn scaled_object(paused: Option<&str>) -> Value {
+    let annotations = match paused {
+        Some(at) => json!({ "autoscaling.keda.sh/paused-replicas": at }),
+        None => json!({}),
+    };
+    json!({"kind":"ScaledObject","apiVersion":"keda.sh/v1alpha1",
+        "metadata":{"name":"agent-so","namespace":"clawdbot","uid":"k1","resourceVersion":"9","annotations":annotations},
+        "spec":{"scaleTargetRef":{"name":"clawdbot"},"minReplicaCount":1,"maxReplicaCount":4}})
+}
+
+fn keda_target() -> Target {
+    target(WorkloadKind::Deployment).with_autoscaler(Autoscaler::Keda { scaled_object: "agent-so".into() })
+}
+
+#[tokio::test]
+async fn stop_beside_keda_keeps_the_count_then_pauses_the_scaled_object_at_zero_then_scales() {
+    let (scaler, handle) = scaler();
+    let paused = json!({"metadata":{"annotations":{"autoscaling.keda.sh/paused-replicas":"0"}}});
+    let api = serve(
+        handle,
+        vec![
+            get(&format!("{DEPLOY}/scale"), scale(3)),
+            merge_patch(SCALED_OBJECT, paused, scaled_object(Some("0"))),
+            merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":0}}), scale(0)),
+        ],
+    );
+    let memory = Memory::default();
+    let change = scaler.stop(&keda_target(), &memory).await.unwrap();
+    assert_eq!(change, Change::Scaled { from: 3, to: 0 });
+    assert_eq!(memory.count("clawdbot"), Some(3));
+    api.await.unwrap();
+}
+
+#[tokio::test]
+async fn start_beside_keda_removes_the_pause_before_it_restores_the_count() {
+    let (scaler, handle) = scaler();
+    let resumed = json!({"metadata":{"annotations":{"autoscaling.keda.sh/paused-replicas":null}}});
+    let api = serve(
+        handle,
+        vec![
+            get(&format!("{DEPLOY}/scale"), scale(0)),
+            merge_patch(SCALED_OBJECT, resumed, scaled_object(None)),
+            merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":3}}), scale(3)),
+        ],
+    );
+    let change = scaler.start(&keda_target(), None, &Memory::with("clawdbot", 3)).await.unwrap();
+    assert_eq!(change, Change::Scaled { from: 0, to: 3 });
+    api.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stop_whose_scaled_object_may_not_be_patched_leaves_the_workload_running() {
+    let (scaler, handle) = scaler();
+    let paused = json!({"metadata":{"annotations":{"autoscaling.keda.sh/paused-replicas":"0"}}});
+    let forbidden = json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403,
+        "message":"scaledobjects.keda.sh \"agent-so\" is forbidden: User \"system:serviceaccount:toggle:matrix-k8s-toggle\" cannot patch resource \"scaledobjects\" in API group \"keda.sh\" in the namespace \"clawdbot\""});
+    let api = serve(
+        handle,
+        vec![
+            get(&format!("{DEPLOY}/scale"), scale(3)),
+            failing(merge_patch(SCALED_OBJECT, paused, json!({})), 403, forbidden),
+        ],
+    );
+    let err = scaler.stop(&keda_target(), &Memory::default()).await.unwrap_err();
+    assert!(matches!(&err, ScaleError::Forbidden { .. }), "{err:?}");
+    assert!(err.to_string().contains("patch scaledobjects"), "the message names the permission: {err}");
     api.await.unwrap();
 }

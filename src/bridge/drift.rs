@@ -46,7 +46,9 @@ impl<H: Homeserver> Bridge<H> {
     pub(super) async fn on_observed(&self, t: &Target, object: &DynamicObject) -> Result<(), BridgeError> {
         let seen = drift::observe(object);
         let last = self.store.seen_replicas(&t.name)?;
-        if let Some(change) = drift::drift(last, self.store.written_replicas(&t.name)?, &seen) {
+        let change = drift::drift(last, self.store.written_replicas(&t.name)?, &seen)
+            .filter(|change| drift::is_news(change, t.autoscaler.is_some()));
+        if let Some(change) = change {
             self.metrics.drift.inc();
             let now = self.clock.now_ms();
             let at = change.at_ms.map(|at| calendar::when_text(now, at, &self.config.timezone));

@@ -272,7 +272,7 @@ impl<H: Homeserver> Bridge<H> {
         for t in targets {
             let timers = self.timers_line(t).unwrap_or_else(|e| replies::status_timers_unreadable(&e));
             lines.push(match scaler.status(t).await {
-                Ok(s) => format!("{}{timers}", status_line(t, &s)),
+                Ok(s) => format!("{}{timers}{}", status_line(t, &s), self.autoscaler_text(t, None).await),
                 Err(e) => replies::status_failed(t, &e),
             });
         }
@@ -326,11 +326,13 @@ impl<H: Homeserver> Bridge<H> {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, to, "scaled up");
                 self.audit(t, to, SCALED_BY_CHAT, replies::audit_by(to, &message.sender)).await;
-                let text = format!("{}{capped}{next}", replies::starting(t, from, to, until.as_deref()));
+                let handed = self.autoscaler_text(t, Some(true)).await;
+                let text = format!("{}{capped}{handed}{next}", replies::starting(t, from, to, until.as_deref()));
                 (text, Some(FollowUp { target: t.clone(), up: true }))
             }
             Change::Unchanged { replicas } => {
-                (format!("{}{capped}{next}", replies::already_on(t, replicas, until.as_deref())), None)
+                let handed = self.autoscaler_text(t, Some(true)).await;
+                (format!("{}{capped}{handed}{next}", replies::already_on(t, replicas, until.as_deref())), None)
             }
         }
     }
@@ -365,9 +367,13 @@ impl<H: Homeserver> Bridge<H> {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, "scaled to zero");
                 self.audit(t, 0, SCALED_BY_CHAT, replies::audit_by(0, &message.sender)).await;
-                (format!("{}{next}", replies::stopping(t, from)), Some(FollowUp { target: t.clone(), up: false }))
+                let paused = self.autoscaler_text(t, Some(false)).await;
+                let text = format!("{}{paused}{next}", replies::stopping(t, from));
+                (text, Some(FollowUp { target: t.clone(), up: false }))
             }
-            Change::Unchanged { .. } => (format!("{}{next}", replies::already_off(t)), None),
+            Change::Unchanged { .. } => {
+                (format!("{}{}{next}", replies::already_off(t), self.autoscaler_text(t, Some(false)).await), None)
+            }
         }
     }
 
@@ -399,6 +405,20 @@ impl<H: Homeserver> Bridge<H> {
         };
         if let Err(e) = self.store.record_action(&action) {
             tracing::warn!(error = %e, "could not record an action in the history");
+        }
+    }
+
+    /// What `t`'s autoscaler is doing, for `status` (`after` None) or after a start (`Some(true)`)
+    /// or stop; empty for a target without one, so others cost no request.
+    async fn autoscaler_text(&self, t: &Target, after: Option<bool>) -> String {
+        let Ok(scaler) = &self.scaler else { return String::new() };
+        if t.autoscaler.is_none() {
+            return String::new();
+        }
+        let state = scaler.autoscaler(t).await;
+        match after {
+            None => replies::status_autoscaler(&state),
+            Some(up) => replies::autoscaler_after(&state, up),
         }
     }
 

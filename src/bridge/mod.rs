@@ -40,6 +40,8 @@ use ruma::{
 use matrix_sdk_common::deserialized_responses::EncryptionInfo;
 
 #[cfg(test)]
+mod autoscaler_decisions;
+#[cfg(test)]
 mod decisions;
 mod drift;
 mod encrypted;

@@ -143,6 +143,23 @@ pub struct Target {
     pub schedule: Option<Schedule>,
     /// Whether a change of its replicas by someone else is posted to its room.
     pub drift_notices: bool,
+    /// What else scales it, for the bridge to work with instead of against (None: nothing).
+    pub autoscaler: Option<Autoscaler>,
+}
+
+/// An autoscaler beside the bridge, named per target because reading or pausing it needs
+/// permissions of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Autoscaler {
+    /// A HorizontalPodAutoscaler may target the workload: `status`, `stop` and `start` say what
+    /// it does (it rests while the workload is at zero and takes over again after a start).
+    Hpa,
+    /// The KEDA ScaledObject of this name scales the workload: `stop` pauses it at zero with
+    /// `autoscaling.keda.sh/paused-replicas`, `start` resumes it.
+    Keda {
+        /// The ScaledObject's name, in the target's namespace.
+        scaled_object: String,
+    },
 }
 
 impl Target {
@@ -161,7 +178,14 @@ impl Target {
             warn_before: Some(Duration::from_secs(600)),
             schedule: None,
             drift_notices: true,
+            autoscaler: None,
         }
+    }
+
+    /// The same target, beside `autoscaler`.
+    pub fn with_autoscaler(mut self, autoscaler: Autoscaler) -> Self {
+        self.autoscaler = Some(autoscaler);
+        self
     }
 
     /// The same target, kept on at most `max_on` by a chat `start`.
@@ -294,6 +318,8 @@ struct RawTarget {
     warn_before: Option<String>,
     schedule: Option<RawSchedule>,
     drift_notices: Option<bool>,
+    autoscaler: Option<String>,
+    scaled_object: Option<String>,
 }
 
 /// A target's schedule as written in the config file.
@@ -402,7 +428,21 @@ fn targets_from_file(
             }
             None => None,
         };
+        let autoscaler = match (t.autoscaler.as_deref(), t.scaled_object) {
+            (None, None) => None,
+            (Some("hpa"), None) => Some(Autoscaler::Hpa),
+            (Some("keda"), scaled_object) => Some(Autoscaler::Keda {
+                scaled_object: scaled_object.unwrap_or_else(|| t.workload.clone().unwrap_or_else(|| name.clone())),
+            }),
+            (Some("hpa") | None, Some(_)) => {
+                return Err(invalid(TARGETS_KEY, format!("{name}: scaled_object needs `autoscaler: keda`")));
+            }
+            (Some(other), _) => {
+                return Err(invalid(TARGETS_KEY, format!("{name}: autoscaler {other:?} is not `hpa` or `keda`")));
+            }
+        };
         out.push(Target {
+            autoscaler,
             drift_notices: t.drift_notices.unwrap_or(true),
             max_on,
             warn_before,
@@ -725,6 +765,32 @@ mod tests {
         assert!(err.starts_with("targets: web: max_on:"), "{err}");
         let err = Fixture::new().with("WARN_BEFORE", "soon").load().unwrap_err().to_string();
         assert!(err.starts_with("WARN_BEFORE:") && err.contains("or off"), "{err}");
+    }
+
+    #[test]
+    fn a_target_names_its_autoscaler_and_a_scaled_object_defaults_to_the_workload() {
+        let c = testing::config(
+            "allowed_users: ['@alice:example.org']\ntargets:\n  - {name: web, autoscaler: hpa}\n  - {name: agent, workload: clawdbot, autoscaler: keda}\n  - {name: batch, autoscaler: keda, scaled_object: batch-scaler}\n  - {name: db}\n",
+            &[],
+        );
+        assert_eq!(c.target("web").unwrap().autoscaler, Some(Autoscaler::Hpa));
+        let keda = |name: &str| Some(Autoscaler::Keda { scaled_object: name.to_owned() });
+        assert_eq!(c.target("agent").unwrap().autoscaler, keda("clawdbot"), "the workload's name");
+        assert_eq!(c.target("batch").unwrap().autoscaler, keda("batch-scaler"));
+        assert_eq!(c.target("db").unwrap().autoscaler, None);
+    }
+
+    #[test]
+    fn an_unknown_autoscaler_or_a_scaled_object_without_keda_is_refused_naming_the_fix() {
+        let f = Fixture::new();
+        let p = f.file("targets:\n  - {name: web, autoscaler: vpa}\n");
+        let err = Config::load(Some(&p), &f.env).unwrap_err().to_string();
+        assert!(err.starts_with("targets: web: autoscaler") && err.contains("`hpa` or `keda`"), "{err}");
+        let p = f.file("targets:\n  - {name: web, autoscaler: hpa, scaled_object: web}\n");
+        let err = Config::load(Some(&p), &f.env).unwrap_err().to_string();
+        assert!(err.starts_with("targets: web: scaled_object") && err.contains("autoscaler: keda"), "{err}");
+        let p = f.file("targets:\n  - {name: web, scaled_object: web}\n");
+        assert!(Config::load(Some(&p), &f.env).is_err(), "scaled_object alone");
     }
 
     #[test]
