@@ -1,20 +1,31 @@
 #![recursion_limit = "256"]
-//! End-to-end latency of a command in an encrypted room, on a real Synapse over loopback.
+//! End-to-end latency of a command in an encrypted room, on a real Synapse over loopback, side
+//! by side with a peer measured in the same run.
 //!
-//! A matrix-sdk client sends N commands (env `BENCH_N`, default 40), alternating `start` and
-//! `stop`, each once the previous one was answered and its rollout reported, and then `BENCH_GAP_MS`
-//! (default 250) later, as a person would: 0 sends back to back, so a command can queue behind
-//! the bridge's handling of its own previous messages. For each it
-//! measures send → PATCH `/scale` (as the test apiserver recorded its arrival) and send →
-//! decrypted reply at the client. The floor is the same messages into a second encrypted room
-//! whose only other member belongs to a do-nothing appservice (its own registration on the same
-//! Synapse) that records when the transaction carrying each event arrives. Also reported: the
-//! bridge's own `transaction_to_*` histograms over the run, CPU per command and RSS.
+//! A matrix-sdk client sends `BENCH_N` commands (default 40) per peer and mode, alternating
+//! `start` and `stop`, in two modes (`BENCH_MODES`, default `paced,back-to-back`): *paced*, each
+//! once the previous one was answered (and, for the bridge, its rollout reported) and then
+//! `BENCH_GAP_MS` (default 1000) later, as a person would; *back to back*, each as soon as the
+//! previous one was answered, so a command queues behind whatever the previous one left the
+//! bot and the homeserver doing. The peers, each in its own encrypted room with the client:
+//! - the bridge (the production release build as a process, `ECHO_MODE=false`);
+//! - the floor: a do-nothing appservice on the same Synapse with the same registration flags,
+//!   which notes when the transaction carrying each event arrives (paced mode only);
+//! - with `BENCH_PEER=seed`, the old bot, openclaw-k8s-toggle-operator 0.0.19, a syncing client
+//!   (installed by `scripts/testbed/seed-venv.sh`, echo off).
 //!
-//! Run: `cargo bench --bench e2e_latency`. The server under test is the production release
-//! build (made in `<target>/bench-server` on first use); `BENCH_BIN=/path/to/binary` picks another.
+//! The commands go in rounds (bridge, old bot, floor; twice), so a drift in the machine's speed
+//! touches every peer alike. Per command: send → PATCH `/scale` (as the test apiserver recorded
+//! its arrival) and send → decrypted reply; per peer: CPU per command and RSS. Reported as
+//! ratios against the peers, which is what carries from one machine to another.
+//!
+//! Run: `cargo bench --bench e2e_latency` (with `BENCH_PEER=seed` for the old bot). The server
+//! under test is the production release build (made in `<target>/bench-server` on first use);
+//! `BENCH_BIN=/path/to/binary` picks another.
 
 mod common;
+#[path = "e2e/seed.rs"]
+mod seed;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -29,17 +40,26 @@ use std::{
 use axum::{Json, Router, body::Bytes, extract::State, routing::put};
 use common::{ServerProcess, bench_binary, env_or, proc_status_kb};
 use matrix_k8s_toggle::registration::{Registration, parse_server_name};
-use matrix_sdk::ruma::{
-    OwnedEventId, OwnedUserId,
-    events::room::message::{OriginalSyncRoomMessageEvent, Relation},
-    user_id,
+use matrix_sdk::{
+    Room,
+    ruma::{
+        OwnedEventId, OwnedRoomId, OwnedUserId,
+        events::room::message::{OriginalSyncRoomMessageEvent, Relation},
+        user_id,
+    },
 };
+use seed::{SeedBot, SeedSetup};
 use serde_json::{Value, json};
 use support::{bridge::BridgeSetup, e2ee::E2eeClient, scratch_dir, synapse::Synapse};
 use test_apiserver::{ControllerMode, TestApiServer};
 
 const DEFAULT_N: usize = 40;
 const WAIT: Duration = Duration::from_secs(60);
+/// Rounds each peer's commands are split into, one peer after the other in each.
+const ROUNDS: usize = 2;
+/// The namespaces of the bridge's and the old bot's Deployments (both named `clawdbot`).
+const OURS_NS: &str = "clawdbot";
+const SEED_NS: &str = "seed";
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -54,15 +74,92 @@ fn floor_bot() -> OwnedUserId {
     user_id!("@floor:localhost").to_owned()
 }
 
+fn seed_bot() -> OwnedUserId {
+    user_id!("@seedbot:localhost").to_owned()
+}
+
+/// How commands follow each other.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// After the answer (and the bridge's rollout report), then a pause.
+    Paced(Duration),
+    /// As soon as the answer is there.
+    BackToBack,
+}
+
+impl Mode {
+    fn name(self) -> String {
+        match self {
+            Mode::Paced(gap) => format!("paced, {} ms apart", gap.as_millis()),
+            Mode::BackToBack => "back to back".into(),
+        }
+    }
+}
+
+/// Who answers.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Peer {
+    Ours,
+    Seed,
+    Floor,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Ours => "bridge",
+            Peer::Seed => "old bot",
+            Peer::Floor => "floor appservice",
+        }
+    }
+}
+
+/// What one peer did in one mode.
+#[derive(Default)]
+struct Samples {
+    patch: Vec<f64>,
+    reply: Vec<f64>,
+    cpu_ms: f64,
+    commands: usize,
+}
+
+/// Everything the command loop needs.
+struct Bench {
+    alice: E2eeClient,
+    api: TestApiServer,
+    messages: Messages,
+    rooms: HashMap<Peer, OwnedRoomId>,
+    pids: HashMap<Peer, u32>,
+    floor: Floor,
+    log: PathBuf,
+    /// How many `start`s and `stop`s each peer was sent: even means its workload is at 0.
+    switched: Mutex<HashMap<Peer, usize>>,
+}
+
 async fn run() {
     let n: usize = env_or("BENCH_N", DEFAULT_N);
-    let gap = Duration::from_millis(env_or("BENCH_GAP_MS", 250));
+    let gap = Duration::from_millis(env_or("BENCH_GAP_MS", 1000));
+    let modes: Vec<Mode> = std::env::var("BENCH_MODES")
+        .unwrap_or_else(|_| "paced,back-to-back".into())
+        .split(',')
+        .map(|m| match m.trim() {
+            "paced" => Mode::Paced(gap),
+            "back-to-back" => Mode::BackToBack,
+            other => panic!("BENCH_MODES: {other:?} is not `paced` or `back-to-back`"),
+        })
+        .collect();
+    let with_seed = match std::env::var("BENCH_PEER").as_deref() {
+        Ok("seed") => true,
+        Ok("") | Err(_) => false,
+        Ok(other) => panic!("BENCH_PEER: {other:?} is not `seed`"),
+    };
     let binary = bench_binary();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let dir = scratch_dir();
 
     let api = TestApiServer::start().await.unwrap();
-    api.add_deployment("clawdbot", "clawdbot", 0);
+    api.add_deployment(OURS_NS, "clawdbot", 0);
+    api.add_deployment(SEED_NS, "clawdbot", 0);
     api.set_controller(ControllerMode::Ready { after: Duration::from_millis(20) });
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
@@ -81,83 +178,128 @@ async fn run() {
 
     synapse.register("alice").await;
     let alice = E2eeClient::login(&synapse.url, "alice", &dir.path().join("client-alice")).await;
+    let seed = if with_seed {
+        synapse.register("seedbot").await;
+        let setup = SeedSetup {
+            homeserver: &synapse.url,
+            localpart: "seedbot",
+            password: "pw-seedbot-secret",
+            allowed_user: "@alice:localhost",
+            kubeconfig: &kubeconfig,
+            namespace: SEED_NS,
+            deployment: "clawdbot",
+        };
+        Some(SeedBot::start(dir.path(), &setup).await)
+    } else {
+        None
+    };
     support::eventually(WAIT, "the bot's device to be cross-signed", || async {
         alice.devices_of(&bot()).await.iter().any(|(_, signed)| *signed).then_some(())
     })
     .await;
-    let replies = Replies::record(&alice);
+    let messages = Messages::record(&alice);
 
+    let mut rooms = HashMap::new();
     let room = alice.create_encrypted_room(&[&bot()]).await;
     alice.wait_for_join(&room, &bot()).await;
+    rooms.insert(Peer::Ours, room);
     let floor_room = alice.create_encrypted_room(&[&floor_bot()]).await;
     floor.join(&synapse.url, floor_room.as_str()).await;
     alice.wait_for_join(&floor_room, &floor_bot()).await;
+    rooms.insert(Peer::Floor, floor_room);
+    let mut pids = HashMap::from([(Peer::Ours, bridge.pid())]);
+    if let Some(seed) = &seed {
+        let room = alice.create_encrypted_room(&[&seed_bot()]).await;
+        alice.wait_for_join(&room, &seed_bot()).await;
+        rooms.insert(Peer::Seed, room);
+        pids.insert(Peer::Seed, seed.pid());
+    }
+    let log = dir.path().join("bridge.log");
+    let bench = Bench { alice, api, messages, rooms, pids, floor, log, switched: Mutex::default() };
 
-    // Warm-up: Olm session and room key for the bot, first room load, connection pools.
-    let warm = alice.send_text(&room, "status").await;
-    replies.wait(&warm, 1).await;
-    let warm = alice.send_text(&floor_room, "status").await;
-    floor.wait(&warm).await;
+    // Warm-up: Olm sessions and room keys, first room loads, connection pools.
+    let peers: Vec<Peer> =
+        [Peer::Ours, Peer::Seed, Peer::Floor].into_iter().filter(|p| bench.rooms.contains_key(p)).collect();
+    for &peer in &peers {
+        bench.command(peer, "status", true).await;
+    }
+    // NB: idle after the warm-up, with every peer's encryption set up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle: HashMap<Peer, Option<u64>> =
+        bench.pids.iter().map(|(p, pid)| (*p, proc_status_kb(*pid, "VmRSS"))).collect();
 
     let metrics_before = scrape(&bridge.url).await;
-    let cpu_before = Cpu::of(bridge.pid());
-    let mut ours_patch = Vec::new();
-    let mut ours_reply = Vec::new();
-    let mut floor_txn = Vec::new();
-    for i in 0..n {
-        let text = if i.is_multiple_of(2) { "start" } else { "stop" };
-
-        let patches = scale_patches(&api).len();
-        let sent = SystemTime::now();
-        let command = alice.send_text(&room, text).await;
-        let (replied, answer) = replies.wait(&command, 1).await;
-        assert!(
-            answer.contains("is starting") || answer.contains("is stopping"),
-            "`{text}` was answered with {answer:?}; bridge log:\n{}",
-            std::fs::read_to_string(dir.path().join("bridge.log")).unwrap_or_default()
-        );
-        let patched =
-            wait_for(WAIT, "the PATCH of /scale", || async { scale_patches(&api).get(patches).map(|r| r.received_at) })
-                .await;
-        ours_patch.push(ms_between(sent, patched));
-        ours_reply.push(ms_between(sent, replied));
-        // NB: the rollout report follows the reply; wait for it so commands do not overlap.
-        replies.wait(&command, 2).await;
-
-        let sent = SystemTime::now();
-        let event = alice.send_text(&floor_room, text).await;
-        floor_txn.push(ms_between(sent, floor.wait(&event).await));
-        tokio::time::sleep(gap).await;
+    let mut results: Vec<(Mode, HashMap<Peer, Samples>)> = Vec::new();
+    for &mode in &modes {
+        let mut by_peer: HashMap<Peer, Samples> = HashMap::new();
+        for round in 0..ROUNDS {
+            let count = n / ROUNDS + usize::from(round < n % ROUNDS);
+            for &peer in &peers {
+                if peer == Peer::Floor && mode == Mode::BackToBack {
+                    continue;
+                }
+                bench.block(peer, mode, count, by_peer.entry(peer).or_default()).await;
+            }
+        }
+        results.push((mode, by_peer));
     }
-    let cpu = Cpu::of(bridge.pid()).since(&cpu_before);
     let metrics_after = scrape(&bridge.url).await;
-    let rss = proc_status_kb(bridge.pid(), "VmRSS");
-    let hwm = proc_status_kb(bridge.pid(), "VmHWM");
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     println!();
     println!(
-        "e2e_latency: {n} commands (alternating start/stop) {} ms apart, encrypted rooms, real Synapse on loopback",
-        gap.as_millis()
+        "e2e_latency: {n} commands per peer and mode (alternating start/stop), encrypted rooms, real Synapse on loopback"
     );
     println!("server under test: {}", binary.display());
     println!("load average before / after: {} / {}", load_before.trim(), load_after.trim());
+    for (mode, by_peer) in &results {
+        println!();
+        println!("{}", mode.name());
+        println!("{:<48}{:>9}{:>9}{:>9}{:>9}", "(ms)", "p50", "p90", "p99", "max");
+        let summary = |peer: Peer, reply: bool| {
+            by_peer.get(&peer).map(|s| Summary::of(if reply { &s.reply } else { &s.patch })).filter(|s| s.n > 0)
+        };
+        for peer in [Peer::Ours, Peer::Seed, Peer::Floor] {
+            if let Some(s) = summary(peer, false) {
+                let what = if peer == Peer::Floor { "transaction received" } else { "PATCH /scale" };
+                s.print(&format!("send → {what} ({})", peer.name()));
+            }
+            if let Some(s) = summary(peer, true) {
+                s.print(&format!("send → decrypted reply ({})", peer.name()));
+            }
+        }
+        let ratio = |what: &str, a: Option<Summary>, b: Option<Summary>| {
+            if let (Some(a), Some(b)) = (a, b) {
+                println!(
+                    "{what:<48}{:>9.2}{:>9.2}{:>9.2}{:>9.2}",
+                    a.p50 / b.p50,
+                    a.p90 / b.p90,
+                    a.p99 / b.p99,
+                    a.max / b.max
+                );
+            }
+        };
+        ratio("ratio bridge / old bot, send → PATCH", summary(Peer::Ours, false), summary(Peer::Seed, false));
+        ratio("ratio bridge / old bot, send → reply", summary(Peer::Ours, true), summary(Peer::Seed, true));
+        ratio("ratio bridge / floor, send → PATCH", summary(Peer::Ours, false), summary(Peer::Floor, false));
+        let cpu = |peer: Peer| by_peer.get(&peer).filter(|s| s.commands > 0).map(|s| s.cpu_ms / s.commands as f64);
+        for peer in [Peer::Ours, Peer::Seed] {
+            if let Some(ms) = cpu(peer) {
+                println!("CPU per command ({}): {ms:.2} ms (utime+stime)", peer.name());
+            }
+        }
+        if let (Some(a), Some(b)) = (cpu(Peer::Ours), cpu(Peer::Seed)) {
+            println!("ratio bridge / old bot, CPU per command: {:.2}", a / b);
+        }
+    }
     println!();
-    println!("{:<48}{:>9}{:>9}{:>9}{:>9}", "(ms)", "p50", "p90", "p99", "max");
-    let ours_patch = Summary::of(&ours_patch);
-    let ours_reply = Summary::of(&ours_reply);
-    let floor_summary = Summary::of(&floor_txn);
-    ours_patch.print("send → PATCH /scale (ours)");
-    ours_reply.print("send → decrypted reply at the client (ours)");
-    floor_summary.print("send → transaction received (floor appservice)");
-    ours_patch.minus(&floor_summary).print("ours − floor: send → PATCH");
     for name in ["transaction_to_patch_seconds", "transaction_to_reply_seconds", "transaction_handling_seconds"] {
         let name = format!("matrix_k8s_toggle_{name}");
         let buckets = diff(&histogram(&metrics_after, &name), &histogram(&metrics_before, &name));
         let count = buckets.last().map_or(0.0, |b| b.1);
         let q = |q: f64| quantile(&buckets, q).map_or("-".to_owned(), |s| format!("{:.2}", s * 1000.0));
         println!(
-            "{:<48}{:>9}{:>9}{:>9}{:>9}  ({count} samples, from histogram buckets)",
+            "{:<48}{:>9}{:>9}{:>9}{:>9}  ({count} samples, all modes, from histogram buckets)",
             format!("bridge-internal {}", name.trim_start_matches("matrix_k8s_toggle_")),
             q(0.5),
             q(0.9),
@@ -166,16 +308,107 @@ async fn run() {
         );
     }
     println!();
-    println!(
-        "bridge CPU per command: {:.2} ms (utime+stime, {} Hz ticks), {:.2} ms (per-thread schedstat)",
-        cpu.tick_ms / n as f64,
-        cpu.hz,
-        cpu.sched_ms / n as f64
-    );
-    println!("bridge RSS after the run: {} KiB (peak {} KiB)", rss.unwrap_or(0), hwm.unwrap_or(0));
+    for peer in [Peer::Ours, Peer::Seed] {
+        if let Some(pid) = bench.pids.get(&peer) {
+            println!(
+                "RSS ({}): idle after the warm-up {} KiB, after the run {} KiB (peak {} KiB)",
+                peer.name(),
+                idle[&peer].unwrap_or(0),
+                proc_status_kb(*pid, "VmRSS").unwrap_or(0),
+                proc_status_kb(*pid, "VmHWM").unwrap_or(0)
+            );
+        }
+    }
+    if let (Some(Some(a)), Some(Some(b))) = (idle.get(&Peer::Ours), idle.get(&Peer::Seed)) {
+        println!("ratio bridge / old bot, idle RSS: {:.2}", *a as f64 / *b as f64);
+    }
 
     bridge.stop();
+    drop(seed);
     drop(synapse);
+}
+
+impl Bench {
+    /// `count` commands to `peer`, one after the other as `mode` has them, into `samples`.
+    async fn block(&self, peer: Peer, mode: Mode, count: usize, samples: &mut Samples) {
+        let cpu_before = self.pids.get(&peer).map(|pid| Cpu::of(*pid));
+        let mut last = None;
+        for _ in 0..count {
+            let text = {
+                let mut switched = self.switched.lock().unwrap();
+                let n = switched.entry(peer).or_default();
+                *n += 1;
+                if *n % 2 == 1 { "start" } else { "stop" }
+            };
+            let (patch, reply, command) = self.command(peer, text, mode != Mode::BackToBack).await;
+            samples.patch.push(patch);
+            samples.reply.extend(reply);
+            last = Some(command);
+            if let Mode::Paced(gap) = mode {
+                tokio::time::sleep(gap).await;
+            }
+        }
+        // NB: the bridge's last rollout report belongs to this block.
+        if let (Peer::Ours, Mode::BackToBack, Some(command)) = (peer, mode, &last) {
+            self.messages.reply_to(command, 2).await;
+        }
+        if let (Some(before), Some(pid)) = (cpu_before, self.pids.get(&peer)) {
+            samples.cpu_ms += Cpu::of(*pid).since(&before).tick_ms;
+        }
+        samples.commands += count;
+    }
+
+    /// Sends `text` to `peer` and waits for what it does: returns send → PATCH (the
+    /// transaction's arrival for the floor), send → reply (none for the floor) and the event.
+    /// With `settle`, also waits for the bridge's rollout report.
+    async fn command(&self, peer: Peer, text: &str, settle: bool) -> (f64, Option<f64>, OwnedEventId) {
+        let room = &self.rooms[&peer];
+        let is_status = text == "status";
+        match peer {
+            Peer::Floor => {
+                let sent = SystemTime::now();
+                let event = self.alice.send_text(room, text).await;
+                (ms_between(sent, self.floor.wait(&event).await), None, event)
+            }
+            Peer::Ours => {
+                let patches = scale_patches(&self.api, OURS_NS).len();
+                let sent = SystemTime::now();
+                let command = self.alice.send_text(room, text).await;
+                let (replied, answer) = self.messages.reply_to(&command, 1).await;
+                assert!(
+                    is_status || answer.contains("is starting") || answer.contains("is stopping"),
+                    "`{text}` was answered with {answer:?}; bridge log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+                let patched = if is_status { replied } else { self.patch(OURS_NS, patches).await };
+                if settle && !is_status {
+                    self.messages.reply_to(&command, 2).await;
+                }
+                (ms_between(sent, patched), Some(ms_between(sent, replied)), command)
+            }
+            Peer::Seed => {
+                let patches = scale_patches(&self.api, SEED_NS).len();
+                let before = self.messages.count_from(room, &seed_bot());
+                let sent = SystemTime::now();
+                let command = self.alice.send_text(room, text).await;
+                let (replied, answer) = self.messages.nth_from(room, &seed_bot(), before).await;
+                assert!(
+                    is_status || answer.contains("Deployment is now"),
+                    "the old bot answered `{text}` with {answer:?}"
+                );
+                let patched = if is_status { replied } else { self.patch(SEED_NS, patches).await };
+                (ms_between(sent, patched), Some(ms_between(sent, replied)), command)
+            }
+        }
+    }
+
+    /// When the `index`-th PATCH of a `/scale` in `namespace` arrived.
+    async fn patch(&self, namespace: &str, index: usize) -> SystemTime {
+        wait_for(WAIT, "the PATCH of /scale", || async {
+            scale_patches(&self.api, namespace).get(index).map(|r| r.received_at)
+        })
+        .await
+    }
 }
 
 /// Our server as a child process with the setup's environment.
@@ -281,44 +514,75 @@ async fn floor_transaction(
     Json(json!({}))
 }
 
-/// When the client decrypted each reply, by the event it answers.
-struct Replies {
-    seen: Arc<Mutex<Vec<(OwnedEventId, SystemTime, String)>>>,
+/// Every message the client decrypted from someone else: room, sender, when, text, and the
+/// event it replies to.
+struct Messages {
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
-impl Replies {
-    fn record(client: &E2eeClient) -> Replies {
+struct Seen {
+    room: OwnedRoomId,
+    sender: OwnedUserId,
+    at: SystemTime,
+    body: String,
+    in_reply_to: Option<OwnedEventId>,
+}
+
+impl Messages {
+    fn record(client: &E2eeClient) -> Messages {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
-        let bot = bot();
-        client.client.add_event_handler(move |event: OriginalSyncRoomMessageEvent| {
+        let me = client.user_id();
+        client.client.add_event_handler(move |event: OriginalSyncRoomMessageEvent, room: Room| {
             let at = SystemTime::now();
-            let (sink, bot) = (sink.clone(), bot.clone());
+            let (sink, me) = (sink.clone(), me.clone());
             async move {
-                if event.sender == bot
-                    && let Some(Relation::Reply(reply)) = &event.content.relates_to
-                {
+                if event.sender != me {
+                    let in_reply_to = match &event.content.relates_to {
+                        Some(Relation::Reply(reply)) => Some(reply.in_reply_to.event_id.clone()),
+                        _ => None,
+                    };
                     let body = event.content.body().to_owned();
-                    sink.lock().unwrap().push((reply.in_reply_to.event_id.clone(), at, body));
+                    let room = room.room_id().to_owned();
+                    sink.lock().unwrap().push(Seen { room, sender: event.sender, at, body, in_reply_to });
                 }
             }
         });
-        Replies { seen }
+        Messages { seen }
     }
 
     /// Waits for the `count`-th reply to `event`; returns when the first one arrived and its text.
-    async fn wait(&self, event: &OwnedEventId, count: usize) -> (SystemTime, String) {
+    async fn reply_to(&self, event: &OwnedEventId, count: usize) -> (SystemTime, String) {
         wait_for(WAIT, &format!("{count} replies to {event}"), || async {
             let seen = self.seen.lock().unwrap();
-            let answers: Vec<_> = seen.iter().filter(|(e, _, _)| e == event).collect();
-            (answers.len() >= count).then(|| (answers[0].1, answers[0].2.clone()))
+            let answers: Vec<_> = seen.iter().filter(|s| s.in_reply_to.as_ref() == Some(event)).collect();
+            (answers.len() >= count).then(|| (answers[0].at, answers[0].body.clone()))
+        })
+        .await
+    }
+
+    /// How many messages `sender` sent into `room` so far.
+    fn count_from(&self, room: &OwnedRoomId, sender: &OwnedUserId) -> usize {
+        self.seen.lock().unwrap().iter().filter(|s| &s.room == room && &s.sender == sender).count()
+    }
+
+    /// Waits for the `index`-th message (from 0) of `sender` in `room`: when, and its text.
+    async fn nth_from(&self, room: &OwnedRoomId, sender: &OwnedUserId, index: usize) -> (SystemTime, String) {
+        wait_for(WAIT, &format!("message {index} of {sender}"), || async {
+            let seen = self.seen.lock().unwrap();
+            let from = seen.iter().filter(|s| &s.room == room && &s.sender == sender).nth(index)?;
+            Some((from.at, from.body.clone()))
         })
         .await
     }
 }
 
-fn scale_patches(api: &TestApiServer) -> Vec<test_apiserver::RecordedRequest> {
-    api.requests().into_iter().filter(|r| r.method == "PATCH" && r.path.ends_with("/scale")).collect()
+fn scale_patches(api: &TestApiServer, namespace: &str) -> Vec<test_apiserver::RecordedRequest> {
+    let prefix = format!("/apis/apps/v1/namespaces/{namespace}/");
+    api.requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.starts_with(&prefix) && r.path.ends_with("/scale"))
+        .collect()
 }
 
 /// Polls `f` every 2 ms (arrival times are measured by polling) until it returns `Some`.
@@ -339,6 +603,7 @@ fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
 
 /// Percentiles of a sample (nearest rank).
 struct Summary {
+    n: usize,
     p50: f64,
     p90: f64,
     p99: f64,
@@ -347,19 +612,13 @@ struct Summary {
 
 impl Summary {
     fn of(samples: &[f64]) -> Summary {
+        if samples.is_empty() {
+            return Summary { n: 0, p50: 0.0, p90: 0.0, p99: 0.0, max: 0.0 };
+        }
         let mut sorted = samples.to_vec();
         sorted.sort_by(f64::total_cmp);
         let rank = |q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
-        Summary { p50: rank(0.5), p90: rank(0.9), p99: rank(0.99), max: sorted[sorted.len() - 1] }
-    }
-
-    fn minus(&self, other: &Summary) -> Summary {
-        Summary {
-            p50: self.p50 - other.p50,
-            p90: self.p90 - other.p90,
-            p99: self.p99 - other.p99,
-            max: self.max - other.max,
-        }
+        Summary { n: sorted.len(), p50: rank(0.5), p90: rank(0.9), p99: rank(0.99), max: sorted[sorted.len() - 1] }
     }
 
     fn print(&self, what: &str) {
