@@ -2,7 +2,12 @@
 //! patch), restore its replica count after a stop (kept by a [`ReplicaMemory`]), read its
 //! state, watch a rollout, and turn API errors into messages a person can act on.
 
-use std::{future::Future, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
@@ -255,7 +260,13 @@ fn scaled_object_resource() -> ApiResource {
 pub struct Scaler {
     client: Client,
     retry: RetryPolicy,
+    /// Each workload's uid as its `/scale` last gave it (the workload's own), so recording an
+    /// Event after a scale needs no read of the workload.
+    uids: Arc<Mutex<HashMap<WorkloadKey, String>>>,
 }
+
+/// A workload: its kind, namespace and name.
+type WorkloadKey = (WorkloadKind, String, String);
 
 /// Watches the workload until its status settles; `last` keeps the latest status seen. Returns
 /// false if the watch ends first. The watcher retries failures by itself; the first (e.g. a
@@ -380,7 +391,7 @@ fn plural(kind: WorkloadKind) -> &'static str {
 impl Scaler {
     /// A scaler over `client`.
     pub fn new(client: Client, retry: RetryPolicy) -> Self {
-        Scaler { client, retry }
+        Scaler { client, retry, uids: Arc::default() }
     }
 
     /// A scaler from the kubeconfig or in-cluster configuration, as kube infers it.
@@ -428,6 +439,10 @@ impl Scaler {
     async fn spec_replicas(&self, t: &Target) -> Result<i32, ScaleError> {
         let api = self.api(t);
         let scale = self.retrying(t, "get", Subject::Workload("/scale"), || api.get_scale(&t.workload)).await?;
+        if let Some(uid) = scale.metadata.uid {
+            let key = (t.kind, t.namespace.clone(), t.workload.clone());
+            self.uids.lock().unwrap_or_else(|e| e.into_inner()).insert(key, uid);
+        }
         // NB: the API omits spec.replicas when it is 0.
         Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0))
     }
@@ -588,14 +603,19 @@ impl Scaler {
     /// Records a Kubernetes Event on `t`'s workload (`reason`, `note`), so `kubectl describe`
     /// shows who scaled it and how.
     pub async fn record(&self, t: &Target, reason: &str, note: &str) -> Result<(), ScaleError> {
-        let object = self.object(t).await?;
+        let key = (t.kind, t.namespace.clone(), t.workload.clone());
+        let known = self.uids.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let uid = match known {
+            Some(uid) => Some(uid),
+            None => self.object(t).await?.metadata.uid,
+        };
         let reference = ObjectReference {
             api_version: Some("apps/v1".into()),
             kind: Some(t.kind.to_string()),
             name: Some(t.workload.clone()),
             namespace: Some(t.namespace.clone()),
             // NB: `kubectl describe` finds a workload's events by its uid.
-            uid: object.metadata.uid,
+            uid,
             ..Default::default()
         };
         // NB: a recorder per event: kube's folds events of one reason within six minutes into a

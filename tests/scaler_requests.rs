@@ -66,12 +66,22 @@ struct Step {
     path_and_query: String,
     content_type: Option<&'static str>,
     body: Option<Value>,
+    /// Parts of the body to check where the whole cannot be (a JSON pointer and its value).
+    body_has: Vec<(&'static str, Value)>,
     status: u16,
     answer: Value,
 }
 
 fn get(path: &str, answer: Value) -> Step {
-    Step { method: "GET", path_and_query: path.into(), content_type: None, body: None, status: 200, answer }
+    Step {
+        method: "GET",
+        path_and_query: path.into(),
+        content_type: None,
+        body: None,
+        body_has: vec![],
+        status: 200,
+        answer,
+    }
 }
 
 fn merge_patch(path: &str, body: Value, answer: Value) -> Step {
@@ -80,6 +90,7 @@ fn merge_patch(path: &str, body: Value, answer: Value) -> Step {
         path_and_query: format!("{path}?&fieldManager=matrix-k8s-toggle"),
         content_type: Some("application/merge-patch+json"),
         body: Some(body),
+        body_has: vec![],
         status: 200,
         answer,
     }
@@ -112,6 +123,10 @@ fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> tokio::task::JoinHandle<()>
             if let Some(expected) = step.body {
                 let body: Value = serde_json::from_slice(&bytes).unwrap();
                 assert_eq!(body, expected, "step {i}");
+            }
+            for (pointer, expected) in &step.body_has {
+                let body: Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(body.pointer(pointer), Some(expected), "step {i}: {pointer} in {body}");
             }
             let response = Response::builder()
                 .status(step.status)
@@ -387,5 +402,35 @@ async fn a_stop_whose_scaled_object_may_not_be_patched_leaves_the_workload_runni
     let err = scaler.stop(&keda_target(), &Memory::default()).await.unwrap_err();
     assert!(matches!(&err, ScaleError::Forbidden { .. }), "{err:?}");
     assert!(err.to_string().contains("patch scaledobjects"), "the message names the permission: {err}");
+    api.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_event_after_a_scale_names_the_workload_by_the_uid_its_scale_gave_without_reading_it() {
+    let (scaler, handle) = scaler();
+    let event = Step {
+        method: "POST",
+        path_and_query: "/apis/events.k8s.io/v1/namespaces/clawdbot/events?".into(),
+        content_type: Some("application/json"),
+        body: None,
+        body_has: vec![
+            ("/regarding/uid", json!("u1")),
+            ("/regarding/kind", json!("Deployment")),
+            ("/reason", json!("ScaledByChat")),
+        ],
+        status: 201,
+        answer: json!({"kind":"Event","apiVersion":"events.k8s.io/v1","metadata":{"name":"clawdbot.1","namespace":"clawdbot"},"eventTime":"2026-01-01T00:00:00.000000Z"}),
+    };
+    let api = serve(
+        handle,
+        vec![
+            get(&format!("{DEPLOY}/scale"), scale(3)),
+            merge_patch(&format!("{DEPLOY}/scale"), json!({"spec":{"replicas":0}}), scale(0)),
+            event,
+        ],
+    );
+    let t = target(WorkloadKind::Deployment);
+    scaler.stop(&t, &Memory::default()).await.unwrap();
+    scaler.record(&t, "ScaledByChat", "Scaled to 0 by @alice:example.org via Matrix").await.unwrap();
     api.await.unwrap();
 }

@@ -228,6 +228,17 @@ async fn every_scale_is_recorded_as_a_kubernetes_event_on_the_workload_naming_wh
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_reply_goes_out_before_the_kubernetes_event_is_recorded() {
+    let (h, dm) = dm("alice");
+    h.say(&dm, &user("alice"), "stop web").await;
+    assert_eq!(h.cluster.events().len(), 1, "the Event is recorded once the reply is out");
+    // NB: the first send is the reply; the rollout report may follow.
+    assert_eq!(h.homeserver.events_at_send().first(), Some(&0), "no Event yet when the reply was sent");
+    h.say(&dm, &user("alice"), "start web").await;
+    assert_eq!(h.cluster.events().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_scale_goes_ahead_when_its_event_cannot_be_recorded_and_the_failure_is_counted() {
     let (h, dm) = dm("alice");
     let rule = |verb: &str, resource: &str| test_apiserver::RbacRule::new(verb, resource, "apps");

@@ -24,11 +24,26 @@ pub(super) struct FakeHomeserver {
     members: Mutex<HashMap<OwnedRoomId, BTreeMap<OwnedUserId, MembershipState>>>,
     calls: Mutex<Vec<Call>>,
     failing_sends: AtomicUsize,
+    /// The Kubernetes API, to note what it held at each send.
+    cluster: std::sync::OnceLock<test_apiserver::Cluster>,
+    events_at_send: Mutex<Vec<usize>>,
 }
 
 impl FakeHomeserver {
     fn new(bot: OwnedUserId) -> Self {
-        Self { bot, members: Mutex::default(), calls: Mutex::default(), failing_sends: AtomicUsize::new(0) }
+        Self {
+            bot,
+            members: Mutex::default(),
+            calls: Mutex::default(),
+            failing_sends: AtomicUsize::new(0),
+            cluster: std::sync::OnceLock::new(),
+            events_at_send: Mutex::default(),
+        }
+    }
+
+    /// How many Kubernetes Events the cluster held when each message was sent.
+    pub(super) fn events_at_send(&self) -> Vec<usize> {
+        self.events_at_send.lock().unwrap().clone()
     }
 
     /// Puts `users` (and the bot) in `room` as joined members.
@@ -99,6 +114,8 @@ impl Homeserver for FakeHomeserver {
         // NB: like Synapse, a transaction id seen before is not sent again.
         let seen = self.calls().iter().any(|c| matches!(c, Call::Send(r, t, _) if r == room && t == txn));
         if !seen {
+            let events = self.cluster.get().map_or(0, |c| c.events().len());
+            self.events_at_send.lock().unwrap().push(events);
             self.record(Call::Send(room.to_owned(), txn.to_owned(), content.body().to_owned()));
         }
         Ok(())
@@ -145,6 +162,7 @@ impl Harness {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let homeserver = Arc::new(FakeHomeserver::new(config.bot_user_id.clone()));
         let cluster = test_apiserver::Cluster::new("token", test_apiserver::ControllerMode::default());
+        let _ = homeserver.cluster.set(cluster.clone());
         cluster.add_deployment("apps", "web", 2);
         cluster.add_deployment("apps", "db", 2);
         let clock = ManualClock::at(start_ms);

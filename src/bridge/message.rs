@@ -74,10 +74,13 @@ impl<H: Homeserver> Bridge<H> {
         }
 
         let progress = self.store.progress(&message.event_id)?;
-        let (reply, follow_up) = match (progress, reply) {
+        // NB: `event` is the scale's Kubernetes Event, recorded once the reply is out. A bridge
+        // killed in between answers again when the command is redelivered, but without it:
+        // the bridge's own history has the action either way.
+        let (reply, follow_up, event) = match (progress, reply) {
             (Some(Progress::Replied), _) => return Ok(()),
-            (Some(Progress::Acted { reply }), _) => (Reply::text(reply), self.store.rollout(&message.event_id)?),
-            (None, Some(reply)) => (reply, None),
+            (Some(Progress::Acted { reply }), _) => (Reply::text(reply), self.store.rollout(&message.event_id)?, None),
+            (None, Some(reply)) => (reply, None, None),
             (None, None) => {
                 let limited = decision.is_ok() && command.is_some() && !self.limiter.allow(sender, job.received_ms);
                 let (reply, follow_up) = match (decision, &parsed) {
@@ -101,6 +104,7 @@ impl<H: Homeserver> Bridge<H> {
                     }
                 };
                 let Some(reply) = reply else { return Ok(()) };
+                let event = follow_up.as_ref().map(|f| (f.target.clone(), f.event.clone()));
                 let rollout = follow_up.map(|f| Rollout {
                     event_id: message.event_id.clone(),
                     room_id: room.to_owned(),
@@ -109,11 +113,14 @@ impl<H: Homeserver> Bridge<H> {
                     started_ms: now_ms(),
                 });
                 self.store.set_acted(&message.event_id, &reply, rollout.as_ref())?;
-                (Reply::text(reply), rollout)
+                (Reply::text(reply), rollout, event)
             }
         };
         self.send_notice(room, Some(&message.event_id), &reply, &txn_id("reply", &message.event_id)).await?;
         self.metrics.transaction_to_reply_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
+        if let Some((t, note)) = event {
+            self.record_event(&t, SCALED_BY_CHAT, &note).await;
+        }
         self.store.set_progress(&message.event_id, &Progress::Replied)?;
         if let Some(rollout) = follow_up {
             self.follow_rollout(rollout);
@@ -325,10 +332,11 @@ impl<H: Homeserver> Bridge<H> {
             Change::Scaled { from, to } => {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, to, "scaled up");
-                self.audit(t, to, SCALED_BY_CHAT, replies::audit_by(to, &message.sender)).await;
+                self.wrote(t, to);
                 let handed = self.autoscaler_text(t, Some(true)).await;
                 let text = format!("{}{capped}{handed}{next}", replies::starting(t, from, to, until.as_deref()));
-                (text, Some(FollowUp { target: t.clone(), up: true }))
+                let event = replies::audit_by(to, &message.sender);
+                (text, Some(FollowUp { target: t.clone(), up: true, event }))
             }
             Change::Unchanged { replicas } => {
                 let handed = self.autoscaler_text(t, Some(true)).await;
@@ -366,10 +374,11 @@ impl<H: Homeserver> Bridge<H> {
             Change::Scaled { from, .. } => {
                 self.metrics.transaction_to_patch_seconds.observe(elapsed_since_ms(job.received_ms).as_secs_f64());
                 tracing::info!(target = %t.name, from, "scaled to zero");
-                self.audit(t, 0, SCALED_BY_CHAT, replies::audit_by(0, &message.sender)).await;
+                self.wrote(t, 0);
                 let paused = self.autoscaler_text(t, Some(false)).await;
                 let text = format!("{}{paused}{next}", replies::stopping(t, from));
-                (text, Some(FollowUp { target: t.clone(), up: false }))
+                let event = replies::audit_by(0, &message.sender);
+                (text, Some(FollowUp { target: t.clone(), up: false, event }))
             }
             Change::Unchanged { .. } => {
                 (format!("{}{}{next}", replies::already_off(t), self.autoscaler_text(t, Some(false)).await), None)
@@ -422,14 +431,25 @@ impl<H: Homeserver> Bridge<H> {
         }
     }
 
-    /// Records the scale of `t` as a Kubernetes Event; a failure is logged and counted, never
-    /// in the way of the command.
+    /// Notes that the bridge scaled `t` to `to` and records it as a Kubernetes Event.
     pub(super) async fn audit(&self, t: &Target, to: i32, reason: &str, note: String) {
+        self.wrote(t, to);
+        self.record_event(t, reason, &note).await;
+    }
+
+    /// Notes that the bridge scaled `t` to `to`, so its drift watch does not take the change
+    /// for someone else's.
+    fn wrote(&self, t: &Target, to: i32) {
         if let Err(e) = self.store.set_written_replicas(&t.name, to) {
             tracing::warn!(error = %e, "could not remember the count the bridge scaled to");
         }
+    }
+
+    /// Records a scale of `t` as a Kubernetes Event; a failure is logged and counted, never in
+    /// the way of the command.
+    async fn record_event(&self, t: &Target, reason: &str, note: &str) {
         let Ok(scaler) = &self.scaler else { return };
-        if let Err(e) = scaler.record(t, reason, &note).await {
+        if let Err(e) = scaler.record(t, reason, note).await {
             self.metrics.error("audit_event");
             tracing::warn!(target = %t.name, error = %e, "could not record the scale as a Kubernetes Event");
         }
@@ -484,8 +504,10 @@ impl<H: Homeserver> Bridge<H> {
 /// How many actions `history` shows.
 const HISTORY_SHOWN: usize = 10;
 
-/// What to watch after a start or stop.
+/// What to do once a start or stop is answered: record its Kubernetes Event (`event`, the
+/// note) and watch its rollout.
 pub(super) struct FollowUp {
     target: Target,
     up: bool,
+    event: String,
 }
