@@ -203,6 +203,8 @@ impl Crypto {
             outgoing: AsyncMutex::new(()),
             room_locks: Default::default(),
             fed_key_counts: Default::default(),
+            devices_epoch: Default::default(),
+            prepared: Default::default(),
         })
     }
 

@@ -189,6 +189,12 @@ pub struct Crypto {
     outgoing: AsyncMutex<()>,
     room_locks: std::sync::Mutex<HashMap<OwnedRoomId, Arc<AsyncMutex<()>>>>,
     fed_key_counts: std::sync::Mutex<Option<KeyCounts>>,
+    /// Bumped whenever news of devices comes from outside a message's preparation: encryption
+    /// data taken in from a transaction, or a keys query of the trust check.
+    devices_epoch: std::sync::atomic::AtomicU64,
+    /// Per room, the members a message was last encrypted for and the `devices_epoch` then:
+    /// while both are the same, their devices are tracked and have Olm sessions already.
+    prepared: std::sync::Mutex<HashMap<OwnedRoomId, (Vec<OwnedUserId>, u64)>>,
 }
 
 /// One-time-key counts and unused fallback key types, as last fed to the machine.
@@ -245,6 +251,7 @@ impl Crypto {
         if !news {
             return None;
         }
+        self.devices_changed();
         let (counts, fallback) = &key_counts;
         let changes = EncryptionSyncChanges {
             to_device_events: to_device,
@@ -299,6 +306,8 @@ impl Crypto {
                 let mut query = get_keys::v3::Request::new();
                 query.device_keys = r.device_keys.clone();
                 query.timeout = r.timeout;
+                // NB: no devices_changed() here: a query in flight when a message is prepared
+                // ends before its own flush (one at a time), so the preparation sees its answer.
                 let response = self.matrix.send(query).await?;
                 self.machine.mark_request_as_sent(id, &response).await?;
             }
@@ -365,8 +374,15 @@ impl Crypto {
         let mut query = get_keys::v3::Request::new();
         query.device_keys = request.device_keys;
         let response = self.matrix.send(query).await?;
+        self.devices_changed();
         self.machine.mark_request_as_sent(&id, &response).await?;
         Ok(())
+    }
+
+    /// Notes that what the machine knows of devices may have changed, so the next message to
+    /// each room checks its members' devices again.
+    fn devices_changed(&self) {
+        self.devices_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Checks the sending device against the trust policy; `Err` is the reply to give. Under
@@ -449,14 +465,24 @@ impl Crypto {
         let lock = self.room_lock(room);
         let _serial = lock.lock().await;
         let members: Vec<OwnedUserId> = members.iter().filter(|u| *u != self.matrix.bot()).cloned().collect();
-        // NB: boxed as Send: awaiting this directly inside a spawned task does not compile.
-        let track: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
-            Box::pin(self.machine.update_tracked_users(members.iter().map(AsRef::as_ref)));
-        track.await?;
-        self.flush().await;
-        if let Some((id, claim)) = self.machine.get_missing_sessions(members.iter().map(AsRef::as_ref)).await? {
-            let response = self.matrix.send(claim).await?;
-            self.machine.mark_request_as_sent(&id, &response).await?;
+        let epoch = self.devices_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner()).remove(room);
+        // NB: with the same members and no device news since the last message here, tracking
+        // them, querying their keys and claiming one-time keys would find nothing to do: three
+        // crypto-store passes saved per message. share_room_key still runs, for rotation and
+        // for what it checks of each device.
+        if prepared.as_ref() != Some(&(members.clone(), epoch)) {
+            // NB: boxed as Send: awaiting this directly inside a spawned task does not compile.
+            let track: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+                Box::pin(self.machine.update_tracked_users(members.iter().map(AsRef::as_ref)));
+            track.await?;
+            self.flush().await;
+            if let Some((id, claim)) = self.machine.get_missing_sessions(members.iter().map(AsRef::as_ref)).await? {
+                let response = self.matrix.send(claim).await?;
+                self.machine.mark_request_as_sent(&id, &response).await?;
+            }
+        } else {
+            self.metrics.crypto("devices_unchanged");
         }
         let settings = EncryptionSettings::new(
             RoomEncryptionEventContent::with_recommended_defaults(),
@@ -485,6 +511,7 @@ impl Crypto {
             encrypted.content.cast(),
         );
         self.matrix.send(request).await?;
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner()).insert(room.to_owned(), (members, epoch));
         Ok(())
     }
 }
