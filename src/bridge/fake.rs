@@ -144,15 +144,19 @@ pub(super) fn user(name: &str) -> OwnedUserId {
     UserId::parse(format!("@{name}:{SERVER}")).unwrap()
 }
 
+/// Wednesday 2026-12-02 10:00 UTC: where a harness's clock starts unless a test says otherwise.
+const WEDNESDAY_10AM: i64 = 1_796_205_600_000;
+
 /// The room id `!name:example.org`.
 pub(super) fn room(name: &str) -> OwnedRoomId {
     RoomId::parse(format!("!{name}:{SERVER}")).unwrap()
 }
 
 impl Harness {
-    /// A bridge configured by the YAML `file` (targets `web` and `db` unless it names others).
+    /// A bridge configured by the YAML `file` (targets `web` and `db` unless it names others),
+    /// its clock at Wednesday 2026-12-02 10:00 UTC, so the times it writes read the same any day.
     pub(super) fn new(file: &str) -> Self {
-        Self::at(file, now_ms())
+        Self::at(file, WEDNESDAY_10AM)
     }
 
     /// The same, with the clock at `start_ms`.
