@@ -391,6 +391,15 @@ pub fn could_not_follow(t: &Target, error: &dyn std::fmt::Display) -> String {
     format!("⚠️ Could not follow {}: {error}", t.name)
 }
 
+/// Instead of a rollout's report, when a later command from another room took over the target.
+pub fn taken_over(t: &Target, up: bool) -> String {
+    let what = if up { "start" } else { "stop" };
+    format!(
+        "{}: a later command in another room changed it before this {what} was done; `status {}` tells where it is now.",
+        t.name, t.name
+    )
+}
+
 /// To an allowed sender whose message could not be decrypted.
 pub fn undecryptable(sender: &UserId) -> String {
     format!(

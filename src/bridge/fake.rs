@@ -74,6 +74,17 @@ impl FakeHomeserver {
             .collect()
     }
 
+    /// The texts sent to `room` so far.
+    pub(super) fn sent_in(&self, room: &RoomId) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Send(r, _, text) if r == room => Some(text),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn record(&self, call: Call) {
         self.calls.lock().unwrap().push(call);
     }
@@ -173,6 +184,11 @@ impl Harness {
         let metrics = Arc::new(Metrics::default());
         let bridge = build(&config, &homeserver, &cluster, &store, &metrics, &clock);
         Harness { bridge, homeserver, cluster, clock, store, metrics, config, next_event: AtomicI64::new(1), _dir: dir }
+    }
+
+    /// Runs the cluster's controller in the background, so rollouts move on with tokio's clock.
+    pub(super) fn run_controller(&self) {
+        tokio::spawn(self.cluster.run_controller());
     }
 
     /// A new bridge on the same state, homeserver, cluster and clock: a restart.

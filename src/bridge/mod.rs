@@ -51,6 +51,8 @@ mod homeserver;
 mod membership;
 mod message;
 mod outbox;
+#[cfg(test)]
+mod rollout_reports;
 mod rollouts;
 mod timed;
 #[cfg(test)]
@@ -202,9 +204,10 @@ pub struct Bridge<H = MatrixClient> {
     names: BotNames,
     refusals: Mutex<HashMap<(OwnedRoomId, &'static str), i64>>,
     limiter: RateLimiter,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     clock: SharedClock,
     timers_changed: tokio::sync::Notify,
+    followed: Arc<rollouts::Followed>,
 }
 
 impl<H: Homeserver> Bridge<H> {
@@ -234,9 +237,10 @@ impl<H: Homeserver> Bridge<H> {
             names,
             refusals: Mutex::new(HashMap::new()),
             limiter: RateLimiter::new(config_limit),
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
             clock: Arc::new(SystemClock),
             timers_changed: tokio::sync::Notify::new(),
+            followed: Arc::default(),
         }
     }
 
@@ -289,6 +293,10 @@ const RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Tries to post a rollout outcome before leaving it for the next start.
 const OUTCOME_ATTEMPTS: u32 = 5;
+
+/// How long after the reply a rollout's report goes out at the earliest: a quick next command
+/// on the same target takes over from it instead of the two crossing in the room.
+const REPORT_HOLD: Duration = Duration::from_secs(1);
 
 /// How long after its timeout an interrupted rollout is still worth reporting.
 const STALE_ROLLOUT: Duration = Duration::from_secs(10 * 60);

@@ -1,46 +1,75 @@
 //! Rollouts: after a start or stop, watch the workload and post the outcome in reply to the
 //! command; after a restart, follow the interrupted ones again.
 
+use tokio::sync::oneshot;
+
 use super::*;
 
+/// The rollout followed for each target. A later command on the same target takes over from
+/// the one before: that one's report would only describe a change already undone.
+#[derive(Default)]
+pub(super) struct Followed(Mutex<HashMap<String, (ruma::OwnedEventId, oneshot::Sender<OwnedRoomId>)>>);
+
+impl Followed {
+    /// Follows `rollout` for its target; the rollout it takes over from is told the room of
+    /// the command that did. The receiver hears of the next one.
+    fn take_over(&self, rollout: &Rollout) -> oneshot::Receiver<OwnedRoomId> {
+        let (tx, rx) = oneshot::channel();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, earlier)) = map.insert(rollout.target.clone(), (rollout.event_id.clone(), tx)) {
+            let _ = earlier.send(rollout.room_id.clone());
+        }
+        rx
+    }
+
+    /// Stops following the rollout of `event_id` on `target`, unless a later one took over.
+    fn done(&self, target: &str, event_id: &EventId) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(target).is_some_and(|(id, _)| id == event_id) {
+            map.remove(target);
+        }
+    }
+}
+
 impl<H: Homeserver> Bridge<H> {
-    /// Watches a rollout in the background and posts its outcome in reply to the command; the
-    /// stored rollout is forgotten once that is done.
+    /// Watches a rollout in the background and posts its outcome in reply to the command, at
+    /// the earliest [`REPORT_HOLD`] after it; the stored rollout is forgotten once that is done.
+    /// A later command on the same target before then takes over: in the same room nothing
+    /// more is said (that command's reply and report tell), in another room a short line does.
     pub(super) fn follow_rollout(&self, rollout: Rollout) {
         let (Ok(scaler), Some(target)) = (&self.scaler, self.config.target(&rollout.target)) else {
             tracing::info!(event_id = %rollout.event_id, target = %rollout.target, "not following a rollout of a target no longer configured");
             self.forget_rollout(&rollout.event_id);
             return;
         };
-        let (room, event_id) = (rollout.room_id.clone(), rollout.event_id.clone());
+        let taken_over = self.followed.take_over(&rollout);
         let (scaler, target) = (scaler.clone(), target.clone());
-        let (outbox, store) = (self.outbox.clone(), self.store.clone());
+        let (outbox, store, followed) = (self.outbox.clone(), self.store.clone(), self.followed.clone());
         let timeout = self.config.rollout_timeout.saturating_sub(elapsed_since_ms(rollout.started_ms));
         tokio::spawn(async move {
-            let text = match scaler.wait_until_settled(&target, timeout).await {
-                Ok(s) => outcome_line(&target, &s, rollout.up, elapsed_since_ms(rollout.started_ms)),
-                Err(e) => replies::could_not_follow(&target, &e),
-            };
-            let reply = Reply::text(text);
-            let txn = txn_id("outcome", &event_id);
-            for attempt in 1..=OUTCOME_ATTEMPTS {
-                match outbox.send_notice(&room, Some(&event_id), &reply, &txn).await {
-                    Err(e) if e.is_transient() && attempt < OUTCOME_ATTEMPTS => {
-                        tracing::debug!(error = %e, attempt, "could not post the rollout outcome yet; retrying");
-                        tokio::time::sleep(RETRY_DELAY * attempt).await;
-                    }
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!(error = %e, "could not post the rollout outcome; it is retried at the next start");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not post the rollout outcome");
-                        break;
-                    }
-                    Ok(()) => break,
+            let report = async {
+                let (settled, ()) =
+                    tokio::join!(scaler.wait_until_settled(&target, timeout), tokio::time::sleep(REPORT_HOLD));
+                match settled {
+                    Ok(s) => outcome_line(&target, &s, rollout.up, elapsed_since_ms(rollout.started_ms)),
+                    Err(e) => replies::could_not_follow(&target, &e),
                 }
+            };
+            // NB: a closed channel (the bridge is gone) is no taking over; the report goes on.
+            let text = tokio::select! {
+                Ok(room) = taken_over => {
+                    tracing::debug!(event_id = %rollout.event_id, target = %target.name, "a later command took over this rollout");
+                    (room != rollout.room_id).then(|| replies::taken_over(&target, rollout.up))
+                }
+                text = report => Some(text),
+            };
+            followed.done(&target.name, &rollout.event_id);
+            if let Some(text) = text
+                && !post_outcome(&outbox, &rollout, &text).await
+            {
+                return;
             }
-            if let Err(e) = store.finish_rollout(&event_id) {
+            if let Err(e) = store.finish_rollout(&rollout.event_id) {
                 tracing::warn!(error = %e, "could not forget a reported rollout");
             }
         });
@@ -82,4 +111,29 @@ impl<H: Homeserver> Bridge<H> {
             self.follow_rollout(rollout);
         }
     }
+}
+
+/// Posts a rollout's outcome in reply to its command, retrying while the homeserver is away;
+/// false when it is still away after that, so the next start tries again.
+async fn post_outcome<H: Homeserver>(outbox: &Outbox<H>, rollout: &Rollout, text: &str) -> bool {
+    let reply = Reply::text(text.to_owned());
+    let txn = txn_id("outcome", &rollout.event_id);
+    for attempt in 1..=OUTCOME_ATTEMPTS {
+        match outbox.send_notice(&rollout.room_id, Some(&rollout.event_id), &reply, &txn).await {
+            Err(e) if e.is_transient() && attempt < OUTCOME_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "could not post the rollout outcome yet; retrying");
+                tokio::time::sleep(RETRY_DELAY * attempt).await;
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "could not post the rollout outcome; it is retried at the next start");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not post the rollout outcome");
+                return true;
+            }
+            Ok(()) => return true,
+        }
+    }
+    true
 }

@@ -216,6 +216,12 @@ impl Cluster {
         self.store().reconcile(now)
     }
 
+    /// The controller of this cluster, for the caller to run: it moves rollouts on until the
+    /// cluster shuts down ([`crate::TestApiServer`] runs its own; an in-process cluster needs it).
+    pub fn run_controller(&self) -> impl Future<Output = ()> + Send + 'static {
+        crate::controller::run(self.clone())
+    }
+
     /// Resolves once the server shuts down; open watches and the controller end then.
     pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut signal = self.inner.shutdown.subscribe();
