@@ -65,21 +65,19 @@ impl FakeHomeserver {
 
     /// The texts sent so far.
     pub(super) fn sent(&self) -> Vec<String> {
-        self.calls()
-            .into_iter()
-            .filter_map(|c| match c {
-                Call::Send(_, _, text) => Some(text),
-                _ => None,
-            })
-            .collect()
+        self.sent_where(|_| true)
     }
 
     /// The texts sent to `room` so far.
     pub(super) fn sent_in(&self, room: &RoomId) -> Vec<String> {
+        self.sent_where(|r| r == room)
+    }
+
+    fn sent_where(&self, keep: impl Fn(&RoomId) -> bool) -> Vec<String> {
         self.calls()
             .into_iter()
             .filter_map(|c| match c {
-                Call::Send(r, _, text) if r == room => Some(text),
+                Call::Send(r, _, text) if keep(&r) => Some(text),
                 _ => None,
             })
             .collect()

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
-use crate::controller::{self, ControllerMode};
+use crate::controller::ControllerMode;
 use crate::faults::Fault;
 use crate::http::app;
 use crate::kubeconfig::kubeconfig_yaml;
@@ -64,7 +64,7 @@ impl TestApiServer {
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
         let cluster = Cluster::new(&options.token, options.controller);
-        let controller = tokio::spawn(controller::run(cluster.clone()));
+        let controller = tokio::spawn(cluster.run_controller());
         let stopped = cluster.stopped();
         let router = app(cluster.clone());
         let server = tokio::spawn(async move {
