@@ -111,6 +111,16 @@ pub fn outcome_line(t: &Target, s: &WorkloadStatus, up: bool, took: Duration) ->
     match (up, s.state) {
         (true, State::Running) => format!("{} is up: {}/{} ready after {secs} s", t.name, s.ready, s.desired),
         (false, State::Off) => format!("{} is off after {secs} s", t.name),
+        // NB: something else moved it back before this rollout was done (a command redelivered
+        // after a restart finding it already there, another controller, a person with kubectl).
+        (true, State::Off | State::Stopping) => format!(
+            "{} was scaled back to 0 after {secs} s, before it was up; `status {}` tells where it is now.",
+            t.name, t.name
+        ),
+        (false, State::Running | State::Starting) => format!(
+            "{} was scaled up again to {} after {secs} s, before it was off; `status {}` tells where it is now.",
+            t.name, s.desired, t.name
+        ),
         (_, State::Degraded) => format!(
             "⚠️ {} is degraded after {secs} s: {}/{} ready. {}",
             t.name,

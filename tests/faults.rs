@@ -83,6 +83,33 @@ async fn a_rollout_interrupted_by_a_kill_is_still_reported_once_after_the_restar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_a_start_and_a_stop_reports_no_stale_start_after_the_restart() {
+    let mut s = stack(&[]).await;
+    let (alice, room) = alice_in_dm(&s).await;
+    // NB: the start's rollout stays open; a stop takes effect at once.
+    s.api.set_controller(ControllerMode::Never { progress_deadline: Duration::from_secs(600) });
+    let start = alice.send_text(&room, "start").await;
+    let replies = alice.wait_for_messages(&room, BOT, 1, WAIT).await;
+    assert!(body(&replies[0]).contains("clawdbot is starting: 0 → 1"), "{replies:?}");
+    s.api.set_answer_delay(Duration::from_secs(3));
+    let stop = alice.send_text(&room, "stop").await;
+    s.wait_for_patches(2).await;
+    s.bridge.kill();
+    s.api.set_answer_delay(Duration::ZERO);
+
+    s.bridge.start_again().await;
+    alice.wait_for_messages(&room, BOT, 2, WAIT).await;
+    // NB: longer than a report is held after its rollout settles, so a stale one would be out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replies = status_answered_as_message(&alice, &room, 3).await;
+    assert_eq!(replies_to(&replies, &start).len(), 1, "no report of the start once it was stopped: {replies:?}");
+    let answers = replies_to(&replies, &stop);
+    assert_eq!(answers.len(), 1, "{replies:?}");
+    assert_eq!(body(answers[0]), "clawdbot is already off.", "{replies:?}");
+    assert_eq!(s.scale_patches().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_waits_while_synapse_is_down_and_is_delivered_when_it_is_back() {
     let s = stack(&[]).await;
     let (alice, room) = alice_in_dm(&s).await;

@@ -339,6 +339,7 @@ impl<H: Homeserver> Bridge<H> {
                 (text, Some(FollowUp { target: t.clone(), up: true, event }))
             }
             Change::Unchanged { replicas } => {
+                self.followed.found_already(&t.name, true, room);
                 let handed = self.autoscaler_text(t, Some(true)).await;
                 (format!("{}{capped}{handed}{next}", replies::already_on(t, replicas, until.as_deref())), None)
             }
@@ -381,6 +382,7 @@ impl<H: Homeserver> Bridge<H> {
                 (text, Some(FollowUp { target: t.clone(), up: false, event }))
             }
             Change::Unchanged { .. } => {
+                self.followed.found_already(&t.name, false, &message.room_id);
                 (format!("{}{}{next}", replies::already_off(t), self.autoscaler_text(t, Some(false)).await), None)
             }
         }

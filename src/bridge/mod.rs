@@ -60,6 +60,7 @@ mod timed_decisions;
 
 pub use homeserver::Homeserver;
 use outbox::{Outbox, txn_for, txn_id};
+pub use rollouts::Interrupted;
 
 pub use crate::replies::{human_duration, outcome_line, status_line};
 
@@ -370,6 +371,24 @@ mod tests {
         assert_eq!(
             line,
             "clawdbot is still starting after 120 s: 0/1 ready. Deployment does not have minimum availability."
+        );
+    }
+
+    #[test]
+    fn a_start_whose_workload_was_scaled_back_to_zero_says_so_instead_of_still_starting() {
+        let line = outcome_line(&target(), &status(State::Off, 0, 0, None), true, Duration::from_secs(5));
+        assert_eq!(
+            line,
+            "clawdbot was scaled back to 0 after 5 s, before it was up; `status clawdbot` tells where it is now."
+        );
+    }
+
+    #[test]
+    fn a_stop_whose_workload_was_scaled_up_again_says_so_instead_of_still_stopping() {
+        let line = outcome_line(&target(), &status(State::Running, 2, 2, None), false, Duration::from_secs(7));
+        assert_eq!(
+            line,
+            "clawdbot was scaled up again to 2 after 7 s, before it was off; `status clawdbot` tells where it is now."
         );
     }
 

@@ -449,7 +449,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT r.event_id, r.room_id, r.target, r.up, r.started_ms FROM rollouts r
-             JOIN progress p ON p.event_id = r.event_id WHERE p.stage = 'replied' ORDER BY r.started_ms",
+             JOIN progress p ON p.event_id = r.event_id WHERE p.stage = 'replied' ORDER BY r.started_ms, r.rowid",
         )?;
         let rows = stmt.query_map([], rollout_row)?;
         Ok(rows.collect::<Result<_, _>>()?)

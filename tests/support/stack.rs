@@ -91,8 +91,13 @@ impl Stack {
 
     /// Waits until the API server received a scale PATCH.
     pub async fn wait_for_patch(&self) {
-        eventually(WAIT, "the scale PATCH to reach the apiserver", || async {
-            (!self.scale_patches().is_empty()).then_some(())
+        self.wait_for_patches(1).await;
+    }
+
+    /// Waits until the API server received `n` scale PATCHes.
+    pub async fn wait_for_patches(&self, n: usize) {
+        eventually(WAIT, "the scale PATCHes to reach the apiserver", || async {
+            (self.scale_patches().len() >= n).then_some(())
         })
         .await;
     }
