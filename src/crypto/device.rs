@@ -192,7 +192,9 @@ impl Crypto {
                 device
             }
         };
-        let machine = OlmMachine::with_store(&config.bot_user_id, &device_id, unlocked.store.clone(), None).await?;
+        let machine =
+            OlmMachine::with_store(&config.bot_user_id, &device_id, ReadCache::new(unlocked.store.clone()), None)
+                .await?;
         unlocked.device = Some(device_id.clone());
         matrix.set_device_id(Some(device_id.clone()));
         tracing::info!(device_id = %device_id, ed25519 = %machine.identity_keys().ed25519, "encryption ready");

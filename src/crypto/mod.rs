@@ -2,7 +2,9 @@
 //! lists and key counts, sends the machine's outgoing requests masquerading as our device,
 //! decrypts room events, checks trust, and encrypts replies. It knows neither the state
 //! database nor the worker. Also here: `device` (the device lifecycle: store key, create, set
-//! aside, cross-signing) and `sink` (the transaction sink, requeueing and the MSC3202 warning).
+//! aside, cross-signing), `read_cache` (identities and devices read once from the crypto
+//! store, not on every message) and `sink` (the transaction sink, requeueing and the MSC3202
+//! warning).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -41,9 +43,11 @@ use ruma::{
 use tokio::sync::Mutex as AsyncMutex;
 
 mod device;
+mod read_cache;
 mod sink;
 
 pub use device::{RETRY_SETUP, UnlockedStore, start_in_background};
+use read_cache::ReadCache;
 pub use sink::CryptoCell;
 use sink::is_news;
 
