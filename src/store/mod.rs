@@ -277,6 +277,9 @@ CREATE TABLE IF NOT EXISTS history (
 );
 ";
 
+/// Prepared statements kept per connection: more than the store's hot statements.
+const STATEMENT_CACHE: usize = 48;
+
 /// Records how far a command has come: (event id, stage, reply).
 const SET_PROGRESS: &str = "INSERT INTO progress (event_id, stage, reply) VALUES (?1, ?2, ?3)
     ON CONFLICT(event_id) DO UPDATE SET stage = excluded.stage, reply = excluded.reply";
@@ -291,6 +294,8 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        // NB: the hot statements are prepared once (`prepare_cached`); rusqlite keeps 16.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -381,13 +386,13 @@ impl Store {
 
     /// Marks a job handled.
     pub fn complete_job(&self, seq: i64) -> Result<(), StoreError> {
-        self.conn().execute("UPDATE jobs SET done = 1, event = '' WHERE seq = ?1", [seq])?;
+        self.conn().prepare_cached("UPDATE jobs SET done = 1, event = '' WHERE seq = ?1")?.execute([seq])?;
         Ok(())
     }
 
     /// Counts a postponed attempt of a job.
     pub fn postpone_job(&self, seq: i64) -> Result<(), StoreError> {
-        self.conn().execute("UPDATE jobs SET attempts = attempts + 1 WHERE seq = ?1", [seq])?;
+        self.conn().prepare_cached("UPDATE jobs SET attempts = attempts + 1 WHERE seq = ?1")?.execute([seq])?;
         Ok(())
     }
 
@@ -395,9 +400,8 @@ impl Store {
     pub fn progress(&self, event_id: &EventId) -> Result<Option<Progress>, StoreError> {
         let row: Option<(String, Option<String>)> = self
             .conn()
-            .query_row("SELECT stage, reply FROM progress WHERE event_id = ?1", [Id(event_id)], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .prepare_cached("SELECT stage, reply FROM progress WHERE event_id = ?1")?
+            .query_row([Id(event_id)], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(row.map(|(stage, reply)| match stage.as_str() {
             "acted" => Progress::Acted { reply: reply.unwrap_or_default() },
@@ -411,7 +415,7 @@ impl Store {
             Progress::Acted { reply } => ("acted", Some(reply.as_str())),
             Progress::Replied => ("replied", None),
         };
-        self.conn().execute(SET_PROGRESS, params![Id(event_id), stage, reply])?;
+        self.conn().prepare_cached(SET_PROGRESS)?.execute(params![Id(event_id), stage, reply])?;
         Ok(())
     }
 
@@ -420,12 +424,12 @@ impl Store {
     pub fn set_acted(&self, event_id: &EventId, reply: &str, rollout: Option<&Rollout>) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(SET_PROGRESS, params![Id(event_id), "acted", reply])?;
+        tx.prepare_cached(SET_PROGRESS)?.execute(params![Id(event_id), "acted", reply])?;
         if let Some(r) = rollout {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT OR REPLACE INTO rollouts (event_id, room_id, target, up, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![Id(&r.event_id), Id(&r.room_id), r.target, r.up, r.started_ms],
-            )?;
+            )?
+            .execute(params![Id(&r.event_id), Id(&r.room_id), r.target, r.up, r.started_ms])?;
         }
         tx.commit()?;
         Ok(())
@@ -435,11 +439,8 @@ impl Store {
     pub fn rollout(&self, event_id: &EventId) -> Result<Option<Rollout>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT event_id, room_id, target, up, started_ms FROM rollouts WHERE event_id = ?1",
-                [Id(event_id)],
-                rollout_row,
-            )
+            .prepare_cached("SELECT event_id, room_id, target, up, started_ms FROM rollouts WHERE event_id = ?1")?
+            .query_row([Id(event_id)], rollout_row)
             .optional()?)
     }
 
@@ -457,7 +458,7 @@ impl Store {
 
     /// Forgets a rollout once its outcome was posted (or given up).
     pub fn finish_rollout(&self, event_id: &EventId) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM rollouts WHERE event_id = ?1", [Id(event_id)])?;
+        self.conn().prepare_cached("DELETE FROM rollouts WHERE event_id = ?1")?.execute([Id(event_id)])?;
         Ok(())
     }
 
@@ -502,15 +503,20 @@ impl Store {
 
     /// A stored value.
     pub fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn().query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT value FROM kv WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?)
     }
 
     /// Stores a value.
     pub fn set(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![key, value],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![key, value])?;
         Ok(())
     }
 
