@@ -43,8 +43,9 @@ use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, RoomId, TransactionId, UserId, 
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-/// Users kept at most in each map; past this that map starts again empty.
-const MAX_USERS: usize = 10_000;
+/// Bytes of JSON kept at most (a few thousand users); past this the cache starts again empty,
+/// so users and devices without end (a homeserver can make as many as it likes) cost no more.
+const MAX_BYTES: usize = 8 << 20;
 
 type Result<T, E = CryptoStoreError> = std::result::Result<T, E>;
 
@@ -52,7 +53,6 @@ type Result<T, E = CryptoStoreError> = std::result::Result<T, E>;
 type DeviceJson = HashMap<OwnedDeviceId, String>;
 
 /// What the cache holds, behind one lock.
-#[derive(Default)]
 struct Entries {
     /// Each user's identity as JSON, or `None` when the store has none.
     identities: HashMap<OwnedUserId, Option<String>>,
@@ -61,6 +61,65 @@ struct Entries {
     /// Bumped by every save or reopen that drops entries, so a read that started before it
     /// does not put back what it read.
     generation: u64,
+    /// Bytes of JSON held, and the most that may be.
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Default for Entries {
+    fn default() -> Self {
+        Self { identities: HashMap::new(), devices: HashMap::new(), generation: 0, bytes: 0, max_bytes: MAX_BYTES }
+    }
+}
+
+fn identity_bytes(json: &Option<String>) -> usize {
+    json.as_ref().map_or(0, String::len)
+}
+
+fn devices_bytes(devices: &DeviceJson) -> usize {
+    devices.values().map(String::len).sum()
+}
+
+impl Entries {
+    /// Makes room for `bytes` more; false when they would not fit even in an empty cache.
+    fn make_room(&mut self, bytes: usize) -> bool {
+        if bytes > self.max_bytes {
+            return false;
+        }
+        if self.bytes + bytes > self.max_bytes {
+            self.clear();
+        }
+        true
+    }
+
+    fn insert_identity(&mut self, user_id: &UserId, json: Option<String>) {
+        self.remove(user_id);
+        if self.make_room(identity_bytes(&json)) {
+            self.bytes += identity_bytes(&json);
+            self.identities.insert(user_id.to_owned(), json);
+        }
+    }
+
+    fn insert_devices(&mut self, user_id: &UserId, devices: DeviceJson) {
+        self.remove(user_id);
+        if self.make_room(devices_bytes(&devices)) {
+            self.bytes += devices_bytes(&devices);
+            self.devices.insert(user_id.to_owned(), devices);
+        }
+    }
+
+    /// Drops everything cached for `user_id`.
+    fn remove(&mut self, user_id: &UserId) {
+        let identity = self.identities.remove(user_id).map_or(0, |j| identity_bytes(&j));
+        let devices = self.devices.remove(user_id).map_or(0, |d| devices_bytes(&d));
+        self.bytes = self.bytes.saturating_sub(identity + devices);
+    }
+
+    fn clear(&mut self) {
+        self.identities.clear();
+        self.devices.clear();
+        self.bytes = 0;
+    }
 }
 
 /// The answer of the cache alone.
@@ -101,14 +160,10 @@ impl<S> ReadCache<S> {
         match users {
             Some(users) => {
                 for user in users {
-                    entries.identities.remove(&user);
-                    entries.devices.remove(&user);
+                    entries.remove(&user);
                 }
             }
-            None => {
-                entries.identities.clear();
-                entries.devices.clear();
-            }
+            None => entries.clear(),
         }
     }
 
@@ -149,12 +204,7 @@ impl<S: CryptoStore> ReadCache<S> {
         let devices = self.inner.get_user_devices(user_id).await.map_err(Into::into)?;
         let json: DeviceJson =
             devices.iter().map(|(id, d)| Ok((id.clone(), serde_json::to_string(d)?))).collect::<Result<_>>()?;
-        self.fill(generation, |entries| {
-            if entries.devices.len() >= MAX_USERS {
-                entries.devices.clear();
-            }
-            entries.devices.insert(user_id.to_owned(), json.clone());
-        });
+        self.fill(generation, |entries| entries.insert_devices(user_id, json.clone()));
         Ok(json)
     }
 }
@@ -193,12 +243,7 @@ impl<S: CryptoStore> CryptoStore for ReadCache<S> {
         self.store_reads.fetch_add(1, Ordering::Relaxed);
         let identity = self.inner.get_user_identity(user_id).await.map_err(Into::into)?;
         let json = identity.as_ref().map(serde_json::to_string).transpose()?;
-        self.fill(generation, |entries| {
-            if entries.identities.len() >= MAX_USERS {
-                entries.identities.clear();
-            }
-            entries.identities.insert(user_id.to_owned(), json);
-        });
+        self.fill(generation, |entries| entries.insert_identity(user_id, json));
         Ok(identity)
     }
 
@@ -545,7 +590,7 @@ mod tests {
         save(&cache, new, false).await;
         let old = serde_json::to_string(&old).unwrap();
         cache.fill(generation, |entries| {
-            entries.identities.insert(alice(), Some(old));
+            entries.insert_identity(&alice(), Some(old));
         });
 
         assert_eq!(master_of(&cache.get_user_identity(&alice()).await.unwrap().unwrap()), new_master);
@@ -653,5 +698,23 @@ mod tests {
         }
 
         assert_eq!(master_of(&cache.get_user_identity(&alice()).await.unwrap().unwrap()), new_master);
+    }
+
+    #[tokio::test]
+    async fn past_its_memory_budget_the_cache_starts_again_empty_and_keeps_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(&dir).await;
+        let bob: OwnedUserId = "@bob:example.org".try_into().unwrap();
+        save(&cache, identity(&alice(), false).0, true).await;
+        save(&cache, identity(&bob, false).0, true).await;
+        cache.get_user_identity(&alice()).await.unwrap();
+        let one = cache.entries().bytes;
+        cache.entries().max_bytes = one + one / 2;
+
+        cache.get_user_identity(&bob).await.unwrap();
+        assert!(cache.entries().bytes <= one + one / 2, "the cache holds more than its budget");
+        assert!(cache.get_user_identity(&alice()).await.unwrap().is_some());
+
+        assert_eq!(cache.store_reads(), 3, "alice was still cached after bob filled the budget");
     }
 }
