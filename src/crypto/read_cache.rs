@@ -13,6 +13,7 @@
 //! entries are dropped when `save_changes` carries that user's identity (new, changed or
 //! unchanged) or one of their devices (new, changed or deleted), and the whole cache when the
 //! store is closed or reopened; a read that raced with such a save does not fill the cache.
+//! Past [`MAX_BYTES`] of JSON the cache starts again empty.
 
 use std::{
     collections::HashMap,
