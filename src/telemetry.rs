@@ -1,5 +1,5 @@
 //! Logging: `RUST_LOG` filter, text or JSON lines on stderr; colours only for a terminal, and
-//! never with `NO_COLOR` set (https://no-color.org), so `kubectl logs` and log files show text.
+//! never with `NO_COLOR` set (<https://no-color.org>), so `kubectl logs` and log files show text.
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
