@@ -94,7 +94,9 @@ impl Entries {
     }
 
     fn insert_identity(&mut self, user_id: &UserId, json: Option<String>) {
-        self.remove(user_id);
+        if let Some(old) = self.identities.remove(user_id) {
+            self.bytes = self.bytes.saturating_sub(identity_bytes(&old));
+        }
         if self.make_room(identity_bytes(&json)) {
             self.bytes += identity_bytes(&json);
             self.identities.insert(user_id.to_owned(), json);
@@ -102,7 +104,9 @@ impl Entries {
     }
 
     fn insert_devices(&mut self, user_id: &UserId, devices: DeviceJson) {
-        self.remove(user_id);
+        if let Some(old) = self.devices.remove(user_id) {
+            self.bytes = self.bytes.saturating_sub(devices_bytes(&old));
+        }
         if self.make_room(devices_bytes(&devices)) {
             self.bytes += devices_bytes(&devices);
             self.devices.insert(user_id.to_owned(), devices);
@@ -168,20 +172,17 @@ impl<S> ReadCache<S> {
         }
     }
 
-    fn lookup_identity(&self, user_id: &UserId) -> Lookup<Option<UserIdentityData>> {
+    /// Answers from the cache alone: `read` decodes what it needs, or says it is not cached.
+    fn lookup<T>(&self, read: impl FnOnce(&Entries) -> Option<Result<T>>) -> Lookup<T> {
         let entries = self.entries();
-        match entries.identities.get(user_id) {
-            Some(json) => Lookup::Hit(json.as_deref().map(decode).transpose()),
+        match read(&entries) {
+            Some(hit) => Lookup::Hit(hit),
             None => Lookup::Miss(entries.generation),
         }
     }
 
-    fn lookup_devices(&self, user_id: &UserId) -> Lookup<DeviceJson> {
-        let entries = self.entries();
-        match entries.devices.get(user_id) {
-            Some(devices) => Lookup::Hit(Ok(devices.clone())),
-            None => Lookup::Miss(entries.generation),
-        }
+    fn lookup_identity(&self, user_id: &UserId) -> Lookup<Option<UserIdentityData>> {
+        self.lookup(|entries| entries.identities.get(user_id).map(|json| json.as_deref().map(decode).transpose()))
     }
 
     /// Caches what a store read that began at `generation` returned, unless a save or reopen
@@ -195,18 +196,14 @@ impl<S> ReadCache<S> {
 }
 
 impl<S: CryptoStore> ReadCache<S> {
-    /// All of `user_id`'s devices as JSON, read from the store when not cached.
-    async fn devices_json(&self, user_id: &UserId) -> Result<DeviceJson> {
-        let generation = match self.lookup_devices(user_id) {
-            Lookup::Hit(devices) => return devices,
-            Lookup::Miss(generation) => generation,
-        };
+    /// All of `user_id`'s devices from the store, cached unless a save came since `generation`.
+    async fn read_devices(&self, user_id: &UserId, generation: u64) -> Result<HashMap<OwnedDeviceId, DeviceData>> {
         self.store_reads.fetch_add(1, Ordering::Relaxed);
         let devices = self.inner.get_user_devices(user_id).await.map_err(Into::into)?;
         let json: DeviceJson =
             devices.iter().map(|(id, d)| Ok((id.clone(), serde_json::to_string(d)?))).collect::<Result<_>>()?;
-        self.fill(generation, |entries| entries.insert_devices(user_id, json.clone()));
-        Ok(json)
+        self.fill(generation, |entries| entries.insert_devices(user_id, json));
+        Ok(devices)
     }
 }
 
@@ -249,11 +246,25 @@ impl<S: CryptoStore> CryptoStore for ReadCache<S> {
     }
 
     async fn get_user_devices(&self, user_id: &UserId) -> Result<HashMap<OwnedDeviceId, DeviceData>> {
-        self.devices_json(user_id).await?.into_iter().map(|(id, json)| Ok((id, decode(&json)?))).collect()
+        let cached = self.lookup(|entries| {
+            let devices = entries.devices.get(user_id)?;
+            Some(devices.iter().map(|(id, json)| Ok((id.clone(), decode(json)?))).collect())
+        });
+        match cached {
+            Lookup::Hit(devices) => devices,
+            Lookup::Miss(generation) => self.read_devices(user_id, generation).await,
+        }
     }
 
     async fn get_device(&self, user_id: &UserId, device_id: &DeviceId) -> Result<Option<DeviceData>> {
-        self.devices_json(user_id).await?.get(device_id).map(|json| decode(json)).transpose()
+        let cached = self.lookup(|entries| {
+            let devices = entries.devices.get(user_id)?;
+            Some(devices.get(device_id).map(|json| decode(json)).transpose())
+        });
+        match cached {
+            Lookup::Hit(device) => device,
+            Lookup::Miss(generation) => Ok(self.read_devices(user_id, generation).await?.remove(device_id)),
+        }
     }
 
     async fn save_changes(&self, changes: Changes) -> Result<()> {
@@ -717,5 +728,26 @@ mod tests {
         assert!(cache.get_user_identity(&alice()).await.unwrap().is_some());
 
         assert_eq!(cache.store_reads(), 3, "alice was still cached after bob filled the budget");
+    }
+
+    #[tokio::test]
+    async fn a_users_identity_and_devices_are_cached_side_by_side_whichever_is_read_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(&dir).await;
+        let bob: OwnedUserId = "@bob:example.org".try_into().unwrap();
+        for user in [alice(), bob.clone()] {
+            save(&cache, identity(&user, false).0, true).await;
+            let phone = device(&user, "PHONE", LocalTrust::Unset);
+            save_devices(&cache, DeviceChanges { new: vec![phone], ..Default::default() }).await;
+        }
+
+        for _ in 0..2 {
+            assert!(cache.get_user_identity(&alice()).await.unwrap().is_some());
+            assert_eq!(cache.get_user_devices(&alice()).await.unwrap().len(), 1);
+            assert!(cache.get_device(&bob, "PHONE".into()).await.unwrap().is_some());
+            assert!(cache.get_user_identity(&bob).await.unwrap().is_some());
+        }
+
+        assert_eq!(cache.store_reads(), 4, "caching one of a user's identity and devices dropped the other");
     }
 }
